@@ -1,0 +1,251 @@
+"""The settings table: every knob of the service, its environment variable, default and help.
+
+The README's settings table and ``python app.py --help`` are both generated from ``SETTINGS`` so the
+documentation cannot drift from the code. Values come from defaults, then the environment, then the
+``config`` mapping given to ``create_app``; an invalid value stops start-up naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from llm.errors import ConfigError
+
+
+def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(str(raw).strip())
+        if minimum is not None and value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be at most {maximum}")
+        return value
+
+    parse.kind = "integer"  # type: ignore[attr-defined]
+    return parse
+
+
+def _float(minimum: float = 0.0) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = float(str(raw).strip())
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+
+    parse.kind = "number"  # type: ignore[attr-defined]
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be one of 1/0, true/false, yes/no, on/off")
+
+
+_bool.kind = "boolean"  # type: ignore[attr-defined]
+
+
+def _text(raw: str) -> str | None:
+    text = str(raw).strip()
+    return text or None
+
+
+_text.kind = "text"  # type: ignore[attr-defined]
+
+
+def _csv(raw: str) -> tuple[str, ...]:
+    if isinstance(raw, (list, tuple)):
+        return tuple(str(item).strip() for item in raw if str(item).strip())
+    return tuple(part.strip() for part in str(raw).split(",") if part.strip())
+
+
+_csv.kind = "comma-separated list"  # type: ignore[attr-defined]
+
+
+def _gpu_layers(raw: str) -> int | None:
+    text = str(raw).strip().lower()
+    if text in ("", "auto"):
+        return None
+    if text == "all":
+        return -1
+    value = int(text)
+    if value < -1:
+        raise ValueError("must be 'auto', 'all', -1 (all) or a number of layers >= 0")
+    return value
+
+
+_gpu_layers.kind = "auto | all | integer"  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table."""
+
+    env: str
+    attr: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+
+
+def physical_cores() -> int:
+    """Physical core count: llama.cpp decodes fastest with one thread per physical core, not per SMT thread."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cores, physical = set(), "0"
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    physical = value.strip()
+                elif key == "core id":
+                    cores.add((physical, value.strip()))
+            if cores:
+                return len(cores)
+    except OSError:
+        pass
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("HOST", "host", "127.0.0.1", _text, "Address the web server listens on."),
+    Setting("PORT", "port", 5000, _int(1, 65535), "Port the web server listens on."),
+    Setting("LLM_MODEL_FILE", "model_file", None, _text,
+            "Path to a local GGUF file. Takes precedence over the Hugging Face settings."),
+    Setting("LLM_HUGGINGFACE_REPO", "huggingface_repo", None, _text,
+            "Hugging Face repository to download the model from (e.g. `bartowski/gemma-2-2b-it-GGUF`)."),
+    Setting("LLM_HUGGINGFACE_FILE", "huggingface_file", "*Q4_K_M.gguf", _text,
+            "File in that repository; wildcards allowed (first match in sorted order)."),
+    Setting("LLM_GPU_LAYERS", "gpu_layers", None, _gpu_layers,
+            "Layers offloaded to the GPU. `auto` (default): all when llama.cpp was built with GPU support, "
+            "none otherwise; `all` or `-1`: all; `0`: CPU only."),
+    Setting("LLM_CONTEXT_WINDOW", "context_window", 4096, _int(256),
+            "Tokens one conversation may use: system prompt, context, history and reply share it."),
+    Setting("LLM_CPU_THREADS", "cpu_threads", None, _int(1),
+            "CPU threads for decoding. Default: the number of physical cores."),
+    Setting("LLM_PARALLEL", "parallel", 8, _int(1, 256),
+            "Sequences decoded together in one batch (continuous batching)."),
+    Setting("LLM_QUEUE_SIZE", "queue_size", 32, _int(0),
+            "Requests that may wait for a free sequence; beyond it requests get 503 with Retry-After."),
+    Setting("LLM_CACHE_TOKENS", "cache_tokens", None, _int(256),
+            "Size of the shared KV cache in tokens. Default: context window x parallel. Idle conversations "
+            "stay cached in it until space is needed."),
+    Setting("LLM_BATCH_TOKENS", "batch_tokens", 256, _int(16),
+            "Most prompt tokens prefilled per scheduler step, so long prompts do not stall running streams."),
+    Setting("LLM_MAX_LOADED_MODELS", "max_loaded_models", 2, _int(1),
+            "Distinct GGUF models kept loaded at once; the least recently used idle one is unloaded."),
+    Setting("LLM_MODEL_CACHE_DIR", "model_cache_dir", os.path.join("~", ".cache", "llm-service"), _text,
+            "Directory where the embedded default model is assembled (once)."),
+    Setting("LLM_PERSONALITIES_DIR", "personalities_dir", "personalities", _text,
+            "Directory of personality files (`*.json`) and their schema."),
+    Setting("LLM_REQUEST_TIMEOUT", "request_timeout", 300, _int(1),
+            "Seconds a request may wait for its answer before it is cancelled."),
+    Setting("LLM_RAG_LENGTH", "rag_length", 1024, _int(0),
+            "Tokens of fetched or retrieved context added to a prompt (cut at a sentence or entry boundary)."),
+    Setting("LLM_FETCH_TIMEOUT", "fetch_timeout", 10.0, _float(0.1),
+            "Seconds to connect to, and between reads from, a fetched URL."),
+    Setting("LLM_FETCH_MAX_BYTES", "fetch_max_bytes", 5_000_000, _int(1024),
+            "Largest response body read from a fetched URL."),
+    Setting("LLM_FETCH_MAX_REDIRECTS", "fetch_max_redirects", 5, _int(0),
+            "Redirects followed by the URL fetcher (each one re-checked)."),
+    Setting("LLM_FETCH_CACHE_SECONDS", "fetch_cache_seconds", 300, _int(0),
+            "Seconds a fetched page stays cached so a conversation does not refetch it."),
+    Setting("LLM_FETCH_ALLOW_DOMAINS", "fetch_allow_domains", (), _csv,
+            "If set, only these domains (and their subdomains) may be fetched."),
+    Setting("LLM_FETCH_DENY_DOMAINS", "fetch_deny_domains", (), _csv,
+            "Domains (and their subdomains) that are never fetched."),
+    Setting("LLM_UNSAFE_FETCH_ALLOW_LOOPBACK_FOR_TESTS", "unsafe_fetch_allow_loopback", False, _bool,
+            "Tests only: lets the fetcher reach 127.0.0.0/8 and ::1. Never set this in production."),
+    Setting("LLM_API_KEYS", "api_keys", (), _csv,
+            "Optional API keys (comma-separated, `key` or `user:key`). When set, requests need one."),
+    Setting("LLM_LOG_TRANSCRIPTS", "log_transcripts", False, _bool,
+            "Log prompts and answers (they may hold personal information)."),
+)
+
+_BY_ATTR = {setting.attr: setting for setting in SETTINGS}
+_BY_ENV = {setting.env: setting for setting in SETTINGS}
+
+
+class Settings:
+    """Parsed, validated settings; attribute names are the table's ``attr`` column."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self._values = dict(values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some values changed (already parsed values)."""
+        unknown = set(changes) - set(_BY_ATTR)
+        if unknown:
+            raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return Settings({**self._values, **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def _parse(setting: Setting, raw: Any) -> Any:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) and setting.parse not in (_csv,):
+        # Values given programmatically (create_app config) are parsed from their text form.
+        raw = str(raw)
+    try:
+        return setting.parse(raw)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"Invalid value {raw!r} for {setting.env}: {exc}") from None
+
+
+def load_settings(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Defaults, then the environment, then ``overrides`` (keyed by environment variable name)."""
+    environ = os.environ if environ is None else environ
+    values = {setting.attr: setting.default for setting in SETTINGS}
+    for setting in SETTINGS:
+        if setting.env in environ:
+            values[setting.attr] = _parse(setting, environ[setting.env])
+    for key, raw in (overrides or {}).items():
+        if key in _BY_ENV:
+            setting = _BY_ENV[key]
+            values[setting.attr] = raw if raw is None else _parse(setting, raw)
+    if values["cpu_threads"] is None:
+        values["cpu_threads"] = physical_cores()
+    if values["cache_tokens"] is None:
+        values["cache_tokens"] = values["context_window"] * values["parallel"]
+    return Settings(values)
+
+
+def settings_table_markdown() -> str:
+    """The settings as a Markdown table, for the README."""
+    rows = ["| Variable | Default | Kind | What it does |", "|---|---|---|---|"]
+    for setting in SETTINGS:
+        default = setting.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        shown = "(auto)" if default is None else f"`{default}`" if default != "" else "(empty)"
+        kind = getattr(setting.parse, "kind", "text")
+        rows.append(f"| `{setting.env}` | {shown} | {kind} | {setting.help} |")
+    return "\n".join(rows)
+
+
+def settings_help_text() -> str:
+    """The settings as plain text, for ``python app.py --help``."""
+    lines = ["Settings (environment variables):", ""]
+    for setting in SETTINGS:
+        lines.append(f"  {setting.env}  (default: {setting.default!r})")
+        lines.append(f"      {setting.help}")
+    return "\n".join(lines)
+
+
+__all__ = ["SETTINGS", "Settings", "Setting", "load_settings", "settings_table_markdown", "settings_help_text",
+           "physical_cores"]
