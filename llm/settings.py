@@ -125,6 +125,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_GPU_LAYERS", "gpu_layers", None, _gpu_layers,
             "Layers offloaded to the GPU. `auto` (default): all when llama.cpp was built with GPU support, "
             "none otherwise; `all` or `-1`: all; `0`: CPU only."),
+    Setting("LLM_CHAT_FORMAT", "chat_format", None, _text,
+            "Force a chat format (gemma, chatml, llama3, phi3) for a GGUF without a chat template whose "
+            "architecture does not tell its family. Default: the GGUF's template, else its architecture."),
     Setting("LLM_CONTEXT_WINDOW", "context_window", 4096, _int(256),
             "Tokens one conversation may use: system prompt, context, history and reply share it."),
     Setting("LLM_CPU_THREADS", "cpu_threads", None, _int(1),
@@ -138,6 +141,8 @@ SETTINGS: tuple[Setting, ...] = (
             "stay cached in it until space is needed."),
     Setting("LLM_BATCH_TOKENS", "batch_tokens", 256, _int(16),
             "Most prompt tokens prefilled per scheduler step, so long prompts do not stall running streams."),
+    Setting("LLM_SUSPEND_MB", "suspend_mb", 512, _int(0),
+            "Memory (MiB) for the saved cache state of evicted conversations, restored instead of recomputed."),
     Setting("LLM_MAX_LOADED_MODELS", "max_loaded_models", 2, _int(1),
             "Distinct GGUF models kept loaded at once; the least recently used idle one is unloaded."),
     Setting("LLM_MODEL_CACHE_DIR", "model_cache_dir", os.path.join("~", ".cache", "llm-service"), _text,

@@ -1,0 +1,138 @@
+"""Chat formatting: messages to prompt text, from the GGUF's own template or from its architecture.
+
+llama-cpp-python silently falls back to ``llama-2`` formatting when a GGUF has no ``tokenizer.chat_template``,
+and the embedded Gemma model then answers ``[INST] <<SYS>>`` garbage. Here the file's template wins; without
+one the family is chosen from ``general.architecture``; an unknown family without a template is a start-up
+error unless ``LLM_CHAT_FORMAT`` names one, never a guess.
+
+Renderings are prefix-stable (the prompt for turn N is a prefix of the prompt for turn N+1 up to the answer),
+which is what lets the engine reuse a conversation's cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from llm.errors import ConfigError
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """Renders messages to text; ``stops`` are extra stop strings for models whose end-of-turn is not EOG."""
+
+    name: str
+    render: Callable[[Sequence[Message], bool], str]
+    stops: tuple[str, ...] = ()
+
+
+def _merge_system(messages: Sequence[Message]) -> list[Message]:
+    """For families without a system role: the system text opens the first user turn."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    if system:
+        if rest and rest[0]["role"] == "user":
+            rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+        else:
+            rest.insert(0, {"role": "user", "content": system})
+    return rest
+
+
+def _gemma(messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    parts = []
+    for message in _merge_system(messages):
+        role = "model" if message["role"] == "assistant" else "user"
+        parts.append(f"<start_of_turn>{role}\n{message['content'].strip()}<end_of_turn>\n")
+    if add_generation_prompt:
+        parts.append("<start_of_turn>model\n")
+    return "".join(parts)
+
+
+def _chatml(messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    parts = [f"<|im_start|>{m['role']}\n{m['content'].strip()}<|im_end|>\n" for m in messages]
+    if add_generation_prompt:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+def _llama3(messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    parts = [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in messages]
+    if add_generation_prompt:
+        parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    return "".join(parts)
+
+
+def _phi3(messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    parts = [f"<|{m['role']}|>\n{m['content'].strip()}<|end|>\n" for m in messages]
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+BUILTIN_FORMATS: dict[str, ChatFormat] = {
+    "gemma": ChatFormat("gemma", _gemma, ("<end_of_turn>",)),
+    "chatml": ChatFormat("chatml", _chatml, ("<|im_end|>",)),
+    "llama3": ChatFormat("llama3", _llama3, ("<|eot_id|>",)),
+    "phi3": ChatFormat("phi3", _phi3, ("<|end|>",)),
+}
+
+# Architectures whose chat family is unambiguous. "llama" is deliberately absent: Llama 2, Llama 3 and
+# Mistral share it with three different formats.
+ARCHITECTURE_FORMATS = {
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "gemma3n": "gemma",
+    "qwen2": "chatml",
+    "qwen2moe": "chatml",
+    "qwen3": "chatml",
+    "qwen3moe": "chatml",
+    "phi3": "phi3",
+}
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+def template_format(template: str, bos_token: str, eos_token: str) -> ChatFormat:
+    """A ChatFormat from a GGUF's Jinja template, rendered in a sandbox."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        compiled = env.from_string(template)
+    except TemplateError as exc:
+        raise ConfigError(f"The model's chat template does not compile: {exc}") from None
+
+    def render(messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        text = compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               bos_token=bos_token, eos_token=eos_token)
+        # The tokenizer adds BOS itself when the vocabulary asks for it; never twice.
+        return text[len(bos_token):] if bos_token and text.startswith(bos_token) else text
+
+    stops = (eos_token,) if eos_token else ()
+    return ChatFormat("template", render, stops)
+
+
+def choose_format(metadata: dict[str, str], override: str | None, bos_token: str, eos_token: str) -> ChatFormat:
+    """Pick the chat format: explicit override, then the GGUF template, then the architecture."""
+    if override:
+        if override not in BUILTIN_FORMATS:
+            raise ConfigError(f"LLM_CHAT_FORMAT={override!r}: choose one of {', '.join(BUILTIN_FORMATS)}")
+        return BUILTIN_FORMATS[override]
+    template = metadata.get("tokenizer.chat_template")
+    if template:
+        return template_format(template, bos_token, eos_token)
+    architecture = metadata.get("general.architecture", "")
+    if architecture in ARCHITECTURE_FORMATS:
+        return BUILTIN_FORMATS[ARCHITECTURE_FORMATS[architecture]]
+    raise ConfigError(
+        f"The model (architecture {architecture!r}) has no chat template and its chat format cannot be known "
+        f"from its architecture; set LLM_CHAT_FORMAT to one of {', '.join(BUILTIN_FORMATS)}."
+    )

@@ -1,0 +1,174 @@
+"""The engine's narrow interface: submit a request, iterate its text pieces, cancel.
+
+Routes never touch llama.cpp. They build a ``GenerationRequest`` and get a ``Handle``: an iterator of text
+pieces fed by the scheduler thread through a queue, with ``cancel()`` for stop buttons and disconnects and
+the usage figures once it is done. The real engine (``llm.pool.ModelPool``) and the test double
+(``llm.fake.FakeEngine``) both implement ``Engine``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Protocol
+
+from llm.errors import ServiceError
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings (llama.cpp's sampler chain, plus stop strings and the token limit)."""
+
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    max_tokens: int = 512
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], base: SamplingParams | None = None) -> SamplingParams:
+        """Known keys of ``values`` over ``base`` (unknown keys ignored: callers validate their input)."""
+        names = {f.name for f in fields(cls)}
+        changes = {key: value for key, value in values.items() if key in names and value is not None}
+        if "stop" in changes:
+            stop = changes["stop"]
+            changes["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        return replace(base or cls(), **changes)
+
+
+@dataclass(frozen=True)
+class JsonConstraint:
+    """Ask for JSON output: ``schema`` None means any JSON object."""
+
+    schema: dict | bool | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """Everything the engine needs for one answer."""
+
+    model: Any  # llm.models.ModelSpec
+    messages: Sequence[Message] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    constraint: JsonConstraint | None = None
+    conversation: str | None = None  # cache key: follow-up turns reuse this conversation's cached tokens
+    raw_prompt: str | None = None  # plain completion instead of chat messages
+
+
+@dataclass
+class Usage:
+    """Figures reported when an answer ends."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    time_to_first_token: float | None = None
+    tokens_per_second: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "time_to_first_token": None if self.time_to_first_token is None else round(self.time_to_first_token, 4),
+            "tokens_per_second": None if self.tokens_per_second is None else round(self.tokens_per_second, 2),
+        }
+
+
+_DONE = object()
+
+
+class Handle:
+    """One submitted request: iterate it for text pieces; ``finish_reason`` and ``usage`` are set at the end.
+
+    The producer (scheduler thread) calls ``push``/``finish``/``fail``; the consumer iterates and may
+    ``cancel``. Iteration raises the ServiceError the request failed with, if any.
+    """
+
+    def __init__(self, timeout: float = 300.0):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._timeout = timeout
+        self.finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+        self.usage = Usage()
+        self.error: ServiceError | None = None
+        self.created = time.monotonic()
+
+    # producer side
+    def push(self, text: str) -> None:
+        if text:
+            self._queue.put(text)
+
+    def finish(self, reason: str, usage: Usage) -> None:
+        self.finish_reason, self.usage = reason, usage
+        self._queue.put(_DONE)
+
+    def fail(self, error: ServiceError) -> None:
+        self.error = error
+        self._queue.put(_DONE)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # consumer side
+    def cancel(self) -> None:
+        """Stop at the next scheduler step; the iterator then ends with finish_reason 'cancelled'."""
+        self._cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        deadline = self.created + self._timeout
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.cancel()
+                raise ServiceError("The answer took too long and was cancelled.") from None
+            if item is _DONE:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def text(self) -> str:
+        """Wait for the whole answer."""
+        return "".join(self)
+
+
+class Engine(Protocol):
+    """What routes may ask of an engine."""
+
+    def submit(self, request: GenerationRequest) -> Handle:
+        """Queue a request; raises Overloaded, PayloadTooLarge, BadRequest or Unprocessable synchronously."""
+
+    def count_tokens(self, model: Any, messages: Sequence[Message]) -> int:
+        """Tokens the formatted messages take (with the generation prompt)."""
+
+    def count_text_tokens(self, model: Any, text: str) -> int:
+        """Tokens a piece of plain text takes."""
+
+    def forget(self, conversation: str) -> None:
+        """Drop a conversation's cached state."""
+
+    def describe(self, model: Any) -> dict[str, Any]:
+        """Facts about a model for clients (name, context window, loaded or not)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Queue depth, active sequences, cache figures."""
+
+    def close(self) -> None:
+        """Stop scheduler threads and free models."""

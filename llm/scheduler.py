@@ -1,0 +1,493 @@
+"""The continuous-batching scheduler: one thread owns one llama context and decodes every sequence together.
+
+Each step builds one batch holding the next token of every generating sequence plus a bounded chunk of
+prompt tokens for sequences still prefilling, and makes one ``llama_decode`` call; then each sequence samples
+with its own chain. Requests join and leave between steps, so nobody waits for another user's answer to end.
+
+The KV cache is unified (one pool of cells for all sequences) so a sequence can share the cells of another's
+prefix: a new conversation copies the cached system prompt from any sequence that has it, and a follow-up
+turn lands on its conversation's own sequence and only prefills what is new. Idle conversations stay cached
+until space is needed; the least recently used is then evicted, its state kept in memory (bounded) when it
+is long enough that restoring beats recomputing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import llama_cpp
+import numpy as np
+
+from llm.engine import Handle, SamplingParams, Usage
+from llm.errors import GenerationFailed, Overloaded, ServiceError
+from llm.model import LoadedModel
+from llm.sampling import TextStream, build_sampler
+from llm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Below this many cached tokens, recomputing a conversation is cheaper than keeping its saved state.
+SUSPEND_MIN_TOKENS = 128
+
+
+@dataclass
+class Job:
+    """One request inside the scheduler."""
+
+    handle: Handle
+    prompt: list[int]
+    sampling: SamplingParams
+    window: int
+    conversation: str | None
+    constraint: object | None = None  # a ConstraintState (llm.constraints) or None
+    stops: tuple[str, ...] = ()
+    pending: list[int] = field(default_factory=list)
+    next_token: int | None = None
+    generated: int = 0
+    cached: int = 0
+    sampler: object | None = None
+    stream: TextStream | None = None
+    first_token_at: float | None = None
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Slot:
+    """One llama sequence id and the tokens its KV cells hold."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    conversation: str | None = None
+    last_used: float = 0.0
+    job: Job | None = None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the shared prefix of two token lists."""
+    limit = min(len(a), len(b))
+    index = 0
+    while index < limit and a[index] == b[index]:
+        index += 1
+    return index
+
+
+class SuspendedStore:
+    """Saved sequence states of evicted conversations, least recently used dropped beyond a byte budget."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[list[int], bytes]] = OrderedDict()
+        self._bytes = 0
+
+    def put(self, key: str, tokens: list[int], state: bytes) -> None:
+        self.pop(key)
+        if len(state) > self.max_bytes:
+            return
+        self._items[key] = (tokens, state)
+        self._bytes += len(state)
+        while self._bytes > self.max_bytes:
+            _, (_, old) = self._items.popitem(last=False)
+            self._bytes -= len(old)
+
+    def pop(self, key: str) -> tuple[list[int], bytes] | None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self._bytes -= len(item[1])
+        return item
+
+    def peek_tokens(self, key: str) -> list[int] | None:
+        item = self._items.get(key)
+        return item[0] if item else None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Scheduler:
+    """Owns a llama context for one model and runs the decode loop on its own thread."""
+
+    def __init__(self, model: LoadedModel, settings: Settings):
+        self.model = model
+        self.parallel = settings.parallel
+        self.queue_size = settings.queue_size
+        self.batch_tokens = settings.batch_tokens
+        self.cache_tokens = max(settings.cache_tokens, model.spec.context_window)
+        # More sequence ids than parallel streams: idle conversations keep theirs while others run.
+        n_slots = min(llama_cpp.llama_max_parallel_sequences(), max(self.parallel * 2, self.parallel + 8))
+        self.ctx = self._new_context(settings, n_slots)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_batch = self.batch_tokens + self.parallel
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.slots = [Slot(seq_id) for seq_id in range(n_slots)]
+        self.suspended = SuspendedStore(settings.suspend_mb * 1024 * 1024)
+        self.counters = {"cache_hit_tokens": 0, "prompt_tokens": 0, "evictions": 0, "suspends": 0,
+                         "restores": 0, "steps": 0}
+        self._queue: deque[Job] = deque()
+        self._forget: set[str] = set()
+        self._cond = threading.Condition()
+        self._running = True
+        self.last_step = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name=f"scheduler-{model.spec.name}", daemon=True)
+        self._thread.start()
+
+    def _new_context(self, settings: Settings, n_slots: int):
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.cache_tokens
+        params.n_batch = params.n_ubatch = self.batch_tokens + self.parallel
+        params.n_seq_max = n_slots
+        params.n_threads = params.n_threads_batch = settings.cpu_threads
+        params.kv_unified = True  # sequences share prefix cells (system prompts, conversation forks)
+        params.swa_full = True  # sliding-window models keep full history so cached prefixes can be reused
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self.model.ptr, params)
+        if not ctx:
+            raise MemoryError(f"could not create a llama context of {self.cache_tokens} tokens")
+        return ctx
+
+    # ----- called from request threads -------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; raises Overloaded when every stream and the whole queue are taken."""
+        with self._cond:
+            if not self._running:
+                raise ServiceError("The model is being unloaded; please retry.")
+            busy = sum(1 for slot in self.slots if slot.job is not None)
+            if busy + len(self._queue) >= self.parallel + self.queue_size:
+                raise Overloaded()
+            self._queue.append(job)
+            self._cond.notify()
+
+    def forget(self, conversation: str) -> None:
+        """Drop a conversation's cache (done by the scheduler thread at its next step)."""
+        with self._cond:
+            self._forget.add(conversation)
+            self._cond.notify()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue) or any(slot.job is not None for slot in self.slots)
+
+    def stats(self) -> dict:
+        active = [slot for slot in self.slots if slot.job is not None]
+        return {
+            "queue_depth": len(self._queue),
+            "active_sequences": len(active),
+            "cached_conversations": sum(1 for slot in self.slots if slot.conversation and not slot.job),
+            "suspended_conversations": len(self.suspended),
+            "cache_tokens_used": self._cells_used(),
+            "cache_tokens": self.cache_tokens,
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        """Stop the thread, fail what is left, free the context."""
+        with self._cond:
+            self._running = False
+            self._cond.notify()
+        self._thread.join(timeout=30)
+        for job in list(self._queue) + [slot.job for slot in self.slots if slot.job]:
+            job.handle.fail(ServiceError("The model was unloaded."))
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+
+    # ----- the scheduler thread --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._running and not self._queue and not self._forget and not self._has_active():
+                    self._cond.wait()
+                if not self._running:
+                    return
+                forget, self._forget = self._forget, set()
+            try:
+                self._forget_conversations(forget)
+                self._drop_cancelled()
+                self._admit()
+                self._step()
+            except Exception as exc:  # never let one bad step kill the thread that serves everyone
+                log.exception("scheduler step failed")
+                self._fail_active(GenerationFailed(f"The engine failed: {exc}"))
+            self.last_step = time.monotonic()
+
+    def _has_active(self) -> bool:
+        return any(slot.job is not None for slot in self.slots)
+
+    def _forget_conversations(self, conversations: set[str]) -> None:
+        for conversation in conversations:
+            self.suspended.pop(conversation)
+            for slot in self.slots:
+                if slot.conversation == conversation and slot.job is None:
+                    self._clear(slot)
+
+    def _drop_cancelled(self) -> None:
+        for slot in self.slots:
+            if slot.job is not None and slot.job.handle.cancelled:
+                self._finish(slot, "cancelled")
+        with self._cond:
+            kept = deque(job for job in self._queue if not job.handle.cancelled)
+            dropped = [job for job in self._queue if job.handle.cancelled]
+            self._queue = kept
+        for job in dropped:
+            job.handle.finish("cancelled", Usage(prompt_tokens=len(job.prompt)))
+
+    def _admit(self) -> None:
+        while sum(1 for slot in self.slots if slot.job is not None) < self.parallel:
+            with self._cond:
+                if not self._queue:
+                    return
+                job = self._queue[0]
+            slot = self._place(job)
+            if slot is None:
+                return  # not enough cache until running answers finish
+            with self._cond:
+                self._queue.popleft()
+            self._start(slot, job)
+
+    def _place(self, job: Job) -> Slot | None:
+        """Choose the sequence for a job and put the longest cached prefix of its prompt in it."""
+        target = self._target_slot(job)
+        if target is None:
+            return None
+        own = common_prefix(target.tokens, job.prompt) if target.conversation == job.conversation else 0
+        donor, shared = self._best_donor(job.prompt, exclude=target)
+        saved = self.suspended.peek_tokens(job.conversation) if job.conversation else None
+        restored = common_prefix(saved, job.prompt) if saved else 0
+        if restored > max(own, shared) and self._restore(target, job.conversation):
+            own = restored
+        elif shared > own:
+            self._clear(target)
+            llama_cpp.llama_memory_seq_cp(self.memory, donor.seq_id, target.seq_id, 0, shared)
+            target.tokens = job.prompt[:shared]
+            own = shared
+        # At least one prompt token is decoded so there are logits to sample from.
+        keep = min(own, len(job.prompt) - 1)
+        if keep < len(target.tokens):
+            if not llama_cpp.llama_memory_seq_rm(self.memory, target.seq_id, keep, -1):
+                self._clear(target)
+                keep = 0
+            target.tokens = target.tokens[:keep]
+        needed = len(job.prompt) - keep + job.sampling.max_tokens
+        if not self._make_room(needed, protect=target):
+            self._clear(target)
+            return None
+        job.cached = keep
+        return target
+
+    def _target_slot(self, job: Job) -> Slot | None:
+        idle = [slot for slot in self.slots if slot.job is None]
+        if job.conversation:
+            for slot in idle:
+                if slot.conversation == job.conversation:
+                    return slot
+        empty = [slot for slot in idle if not slot.tokens]
+        if empty:
+            return empty[0]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda slot: (slot.conversation is not None, slot.last_used))
+        self._evict(victim)
+        return victim
+
+    def _best_donor(self, prompt: list[int], exclude: Slot) -> tuple[Slot | None, int]:
+        best, length = None, 0
+        for slot in self.slots:
+            if slot is exclude or not slot.tokens:
+                continue
+            shared = common_prefix(slot.tokens, prompt)
+            if shared > length:
+                best, length = slot, shared
+        return best, length
+
+    def _cells_used(self) -> int:
+        """Upper bound of KV cells in use (shared prefixes counted once per sequence)."""
+        return sum(len(slot.tokens) for slot in self.slots) + sum(
+            slot.job.sampling.max_tokens - slot.job.generated + len(slot.job.pending)
+            for slot in self.slots if slot.job is not None)
+
+    def _make_room(self, needed: int, protect: Slot) -> bool:
+        while self._cells_used() + needed > self.cache_tokens:
+            idle = [slot for slot in self.slots if slot.job is None and slot.tokens and slot is not protect]
+            if not idle:
+                return False
+            self._evict(min(idle, key=lambda slot: slot.last_used))
+        return True
+
+    def _evict(self, slot: Slot) -> None:
+        """Free a sequence, keeping its state in memory when that beats recomputing it later."""
+        if slot.conversation and len(slot.tokens) >= SUSPEND_MIN_TOKENS:
+            state = self._save_state(slot)
+            if state:
+                self.suspended.put(slot.conversation, list(slot.tokens), state)
+                self.counters["suspends"] += 1
+        self.counters["evictions"] += 1
+        self._clear(slot)
+
+    def _save_state(self, slot: Slot) -> bytes | None:
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id)
+        if size <= 0 or size > self.suspended.max_bytes:
+            return None
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, slot.seq_id)
+        return bytes(buf[:written]) if written else None
+
+    def _restore(self, slot: Slot, conversation: str) -> bool:
+        item = self.suspended.pop(conversation)
+        if item is None:
+            return False
+        tokens, state = item
+        self._clear(slot)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if not llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(state), slot.seq_id):
+            self._clear(slot)
+            return False
+        slot.tokens, slot.conversation = tokens, conversation
+        self.counters["restores"] += 1
+        return True
+
+    def _clear(self, slot: Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+        slot.tokens, slot.conversation = [], None
+
+    def _start(self, slot: Slot, job: Job) -> None:
+        model = self.model
+        job.pending = job.prompt[len(slot.tokens):]
+        job.sampler = build_sampler(job.sampling, model.vocab, model.n_vocab, model.n_ctx_train)
+        job.stream = TextStream(tuple(job.sampling.stop) + job.stops)
+        slot.job, slot.conversation, slot.last_used = job, job.conversation, time.monotonic()
+        self.counters["cache_hit_tokens"] += job.cached
+        self.counters["prompt_tokens"] += len(job.prompt)
+
+    def _step(self) -> None:
+        """Fill one batch, decode it, sample every sequence that produced logits."""
+        active = [slot for slot in self.slots if slot.job is not None]
+        if not active:
+            return
+        batch, rows, budget = self.batch, [], self.batch_tokens
+        batch.n_tokens = 0
+        for slot in active:  # every generating sequence advances by one token
+            if slot.job.next_token is not None:
+                rows.append((slot, self._add(slot, [slot.job.next_token], logits=True)))
+        for slot in active:  # then prompt chunks, within the step's token budget
+            job = slot.job
+            if job.next_token is None and job.pending and budget > 0:
+                chunk, job.pending = job.pending[:budget], job.pending[budget:]
+                budget -= len(chunk)
+                index = self._add(slot, chunk, logits=not job.pending)
+                if not job.pending:
+                    rows.append((slot, index))
+        if batch.n_tokens == 0:
+            return
+        if not self._decode():
+            return
+        self.counters["steps"] += 1
+        for slot, index in rows:
+            self._sample(slot, index)
+
+    def _add(self, slot: Slot, tokens: list[int], logits: bool) -> int:
+        """Append tokens of one sequence to the batch; returns the batch index of the last one."""
+        batch = self.batch
+        start = len(slot.tokens)
+        for offset, token in enumerate(tokens):
+            i = batch.n_tokens
+            batch.token[i] = token
+            batch.pos[i] = start + offset
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = slot.seq_id
+            batch.logits[i] = logits and offset == len(tokens) - 1
+            batch.n_tokens += 1
+        slot.tokens.extend(tokens)
+        return batch.n_tokens - 1
+
+    def _decode(self) -> bool:
+        """One llama_decode; on a full cache, evict idle sequences and retry, else fail the newest job."""
+        while True:
+            result = llama_cpp.llama_decode(self.ctx, self.batch)
+            if result == 0:
+                return True
+            if result == 1:
+                idle = [slot for slot in self.slots if slot.job is None and slot.tokens]
+                if idle:
+                    self._evict(min(idle, key=lambda slot: slot.last_used))
+                    continue
+            self._rollback_batch()
+            active = [slot for slot in self.slots if slot.job is not None]
+            newest = max(active, key=lambda slot: slot.job.submitted)
+            log.warning("llama_decode returned %d; failing the newest request", result)
+            self._finish(newest, "error", Overloaded("The model's cache is full; please retry shortly."))
+            return False
+
+    def _rollback_batch(self) -> None:
+        """Forget the tokens of a batch that was not decoded so slot bookkeeping matches the cache."""
+        batch = self.batch
+        for slot in self.slots:
+            if slot.job is None:
+                continue
+            added = [i for i in range(batch.n_tokens) if batch.seq_id[i][0] == slot.seq_id]
+            if added:
+                first_pos = batch.pos[added[0]]
+                tokens = [batch.token[i] for i in added]
+                llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, first_pos, -1)
+                slot.tokens = slot.tokens[:first_pos]
+                if slot.job.next_token is None:
+                    slot.job.pending = tokens + slot.job.pending
+        batch.n_tokens = 0
+
+    def _sample(self, slot: Slot, index: int) -> None:
+        job, model = slot.job, self.model
+        if job.constraint is not None:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(model.n_vocab,))
+            job.constraint.mask_logits(logits)
+        token = llama_cpp.llama_sampler_sample(job.sampler, self.ctx, index)
+        if job.first_token_at is None:
+            job.first_token_at = time.monotonic()
+        if job.constraint is not None:
+            try:
+                job.constraint.accept(token)
+            except ServiceError as exc:
+                self._finish(slot, "error", exc)
+                return
+        if model.is_eog(token):
+            self._finish(slot, "stop")
+            return
+        job.generated += 1
+        job.handle.push(job.stream.feed(model.piece(token)))
+        if job.stream.stopped or (job.constraint is not None and job.constraint.is_finished()):
+            self._finish(slot, "stop")
+        elif job.generated >= job.sampling.max_tokens or len(slot.tokens) + 1 >= job.window:
+            self._finish(slot, "length")
+        else:
+            job.next_token = token
+
+    def _finish(self, slot: Slot, reason: str, error: ServiceError | None = None) -> None:
+        job = slot.job
+        slot.job, slot.last_used = None, time.monotonic()
+        if job.sampler is not None:
+            llama_cpp.llama_sampler_free(job.sampler)
+        if job.pending:  # cancelled during prefill: the cache holds only what was decoded
+            job.pending = []
+        if error is not None:
+            job.handle.fail(error)
+            return
+        if reason != "cancelled" and job.stream is not None:
+            job.handle.push(job.stream.flush())
+        job.handle.finish(reason, self._usage(job))
+
+    def _usage(self, job: Job) -> Usage:
+        now = time.monotonic()
+        ttft = None if job.first_token_at is None else job.first_token_at - job.submitted
+        elapsed = now - job.first_token_at if job.first_token_at else 0.0
+        rate = (job.generated - 1) / elapsed if job.generated > 1 and elapsed > 0 else None
+        return Usage(prompt_tokens=len(job.prompt), completion_tokens=job.generated, cached_tokens=job.cached,
+                     time_to_first_token=ttft, tokens_per_second=rate)
+
+    def _fail_active(self, error: ServiceError) -> None:
+        for slot in self.slots:
+            if slot.job is not None:
+                self._finish(slot, "error", error)
+                self._clear(slot)
