@@ -8,6 +8,7 @@ time changed, so feeds and prompts can be edited without a restart.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import tomllib
 from dataclasses import dataclass, field
@@ -18,7 +19,10 @@ import jsonschema
 
 from llm.errors import ConfigError, NotFound
 
-SCHEMA_FILE = "schema.json"
+log = logging.getLogger(__name__)
+
+# The schema is part of the code: personality directories elsewhere are validated against this one.
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "personalities" / "schema.json"
 
 
 @dataclass(frozen=True)
@@ -100,9 +104,8 @@ def parse_personality(path: Path, validator: jsonschema.protocols.Validator) -> 
     )
 
 
-def load_validator(directory: Path) -> jsonschema.protocols.Validator:
-    """The validator for personality files, from the schema kept beside them."""
-    schema_path = directory / SCHEMA_FILE
+def load_validator(schema_path: Path = SCHEMA_PATH) -> jsonschema.protocols.Validator:
+    """The validator for personality files."""
     try:
         schema = json.loads(schema_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -119,7 +122,7 @@ class PersonalityRegistry:
         self.directory = Path(directory).expanduser().resolve()
         if not self.directory.is_dir():
             raise ConfigError(f"LLM_PERSONALITIES_DIR: {self.directory} is not a directory")
-        self._validator = load_validator(self.directory)
+        self._validator = load_validator()
         self._lock = threading.Lock()
         self._stamp: tuple = ()
         self._items: dict[str, Personality] = {}
@@ -140,10 +143,12 @@ class PersonalityRegistry:
                 items[personality.name] = personality
             if not items:
                 raise ConfigError(f"No personality files (*.toml) in {self.directory}")
-        except ConfigError:
+        except ConfigError as exc:
             if strict:
                 raise
-            # A broken edit while running keeps the last good set; the next start-up will name the error.
+            # A broken edit while running keeps the last good set; the next start-up will stop on it.
+            log.error("personalities not reloaded: %s", exc)
+            self._stamp = stamp
             return
         self._items, self._stamp = items, stamp
 

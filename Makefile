@@ -1,0 +1,64 @@
+# Two commands: `make run` sets everything up and serves on the embedded model; `make test` sets everything up
+# and runs the whole suite. Set-up is idempotent: the venv and install are redone only when pyproject changes.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+LLAMA_VERSION := 0.3.36
+# auto: build llama.cpp with CUDA when an NVIDIA GPU and nvcc are present; cpu or cuda force the choice.
+LLM_BACKEND ?= auto
+
+.PHONY: install run serve test test-fast lint bench bench-schema soak browser-deps clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip wheel
+
+$(STAMP): pyproject.toml | $(PY)
+	@backend="$(LLM_BACKEND)"; \
+	if [ "$$backend" = auto ]; then \
+	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1; \
+	  then backend=cuda; else backend=cpu; fi; \
+	fi; \
+	echo "llama.cpp back-end: $$backend"; \
+	if [ "$$backend" = cuda ]; then \
+	  if ! $(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" 2>/dev/null; then \
+	    CMAKE_ARGS="-DGGML_CUDA=on" $(PIP) install --no-cache-dir --force-reinstall --no-deps llama-cpp-python==$(LLAMA_VERSION); \
+	  fi; \
+	elif [ "$$backend" != cpu ]; then echo "LLM_BACKEND must be auto, cpu or cuda" >&2; exit 2; fi
+	$(PIP) install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(PY) app.py
+
+serve: install
+	$(VENV)/bin/gunicorn --config gunicorn.conf.py 'app:create_app()'
+
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: install browser-deps
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not integration and not browser"
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) bench/run.py
+
+bench-schema: install
+	$(PY) bench/schema_coverage.py
+
+soak: install
+	$(PY) bench/soak.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

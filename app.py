@@ -1,0 +1,127 @@
+"""The service: ``create_app(config, engine)`` wires settings, engine, personalities and routes.
+
+``python app.py`` serves on HOST:PORT (default 127.0.0.1:5000) with Flask's threaded server; ``make serve``
+runs the same app under gunicorn for production. ``python app.py --help`` lists every setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+from flask_sock import Sock
+
+from llm.chat import ChatService
+from llm.conversations import MemoryConversationStore
+from llm.engine import Engine
+from llm.errors import ConfigError
+from llm.models import ModelSpec, resolve
+from llm.personalities import ModelChoice, Personality, PersonalityRegistry
+from llm.settings import Settings, load_settings, settings_help_text
+
+ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("llm")
+
+
+class ModelSpecs:
+    """Resolves each personality's model once (downloads and assembly are slow) and remembers it."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._cache: dict[ModelChoice, ModelSpec] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, personality: Personality | None = None) -> ModelSpec:
+        choice = personality.model if personality is not None else ModelChoice()
+        with self._lock:
+            if choice not in self._cache:
+                self._cache[choice] = resolve(choice, self.settings)
+            return self._cache[choice]
+
+
+@dataclass
+class Services:
+    """The long-lived objects of one app, kept in ``app.extensions['llm']``."""
+
+    settings: Settings
+    engine: Engine
+    personalities: PersonalityRegistry
+    specs: ModelSpecs
+    chat: ChatService
+    store: Any
+    preprocessor: Any
+
+
+def _split_config(config: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Settings (LLM_*, HOST, PORT) versus Flask's own keys (TESTING, ...)."""
+    config = dict(config or {})
+    settings = {key: value for key, value in config.items() if key.startswith("LLM_") or key in ("HOST", "PORT")}
+    flask = {key: value for key, value in config.items() if key not in settings}
+    return settings, flask
+
+
+def _make_preprocessor(settings: Settings):
+    try:
+        from rag.preprocess import Preprocessor
+    except ImportError:  # the RAG package is optional at import time only while it is being built
+        return None
+    return Preprocessor(settings)
+
+
+def create_app(config: dict[str, Any] | None = None, engine: Engine | None = None) -> Flask:
+    """Build the app: defaults, then the environment, then ``config``; ``engine`` replaces the real one."""
+    setting_values, flask_values = _split_config(config)
+    settings = load_settings(os.environ, setting_values)
+    app = Flask(__name__, static_folder=str(ROOT / "static"), static_url_path="/static")
+    app.config.update(MAX_CONTENT_LENGTH=4 * 1024 * 1024, JSON_SORT_KEYS=False)
+    app.config.update(flask_values)
+
+    directory = Path(settings.personalities_dir)
+    personalities = PersonalityRegistry(directory if directory.is_absolute() else ROOT / directory)
+    specs = ModelSpecs(settings)
+    if engine is None:
+        from llm.pool import ModelPool
+
+        engine = ModelPool(settings)
+        engine.preload(specs())
+    store = MemoryConversationStore()
+    preprocessor = _make_preprocessor(settings)
+    chat = ChatService(engine, personalities, store, specs, preprocessor)
+    app.extensions["llm"] = Services(settings, engine, personalities, specs, chat, store, preprocessor)
+
+    from llm.api import gpt, pages, socket
+    from llm.api.errors import register_error_handlers
+
+    register_error_handlers(app)
+    app.register_blueprint(pages.blueprint)
+    app.register_blueprint(gpt.blueprint)
+    socket.register(Sock(app))
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the development server (``make run``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip(), "\n")
+        print(settings_help_text())
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    settings = app.extensions["llm"].settings
+    app.run(host=settings.host, port=settings.port, threaded=True, use_reloader=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""HTTP and websocket routes; thin: parse, call the chat service, format."""

@@ -1,0 +1,56 @@
+"""One error shape for every endpoint: ``{"error": {"message", "type", "status"}}``.
+
+Werkzeug's own HTTP errors (unknown URL, wrong method, body too large) are rendered the same way, so a
+client never has to parse an HTML error page. Under ``/v1`` the body follows OpenAI's shape instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from llm.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_exceeded",
+                 503: "server_error"}
+
+
+def error_body(message: str, kind: str, status: int, param: str | None = None, code: str | None = None) -> dict:
+    """The JSON body of an error, in OpenAI's shape under /v1 and ours elsewhere."""
+    if request.path.startswith("/v1/"):
+        return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"),
+                          "param": param, "code": code or kind}}
+    return {"error": {"message": message, "type": kind, "status": status}}
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Render ServiceError, HTTP errors and unexpected exceptions as JSON."""
+
+    @app.errorhandler(ServiceError)
+    def service_error(error: ServiceError):
+        code = getattr(error, "code", None)
+        response = jsonify(error_body(error.message, error.type, error.status, error.param, code))
+        response.status_code = error.status
+        response.headers.update(error.headers)
+        return response
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        kind = (error.name or "error").lower().replace(" ", "_")
+        response = jsonify(error_body(error.description or error.name, kind, error.code or 500))
+        response.status_code = error.code or 500
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        incident = uuid.uuid4().hex[:12]
+        log.exception("unhandled error (incident %s)", incident)
+        response = jsonify(error_body(f"Internal error (incident {incident}).", "internal_error", 500))
+        response.status_code = 500
+        return response

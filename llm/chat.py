@@ -1,0 +1,172 @@
+"""One conversational turn for any endpoint: personality, context, budget, submit, record.
+
+``/gpt``, the websocket, ``/toil`` and the OpenAI API all go through ``ChatService.start`` and ``Turn.finish``
+so they share one behaviour: RAG context, the date outside the cached prefix, the token budget with its
+trimming policy, and history kept for the next turn.
+
+Budget policy: the reply reserve is ``min(max_tokens, window / 4)``. When system prompt, context, history and
+the new prompt do not fit in ``window - reserve``, the oldest turns are dropped (in user/assistant pairs)
+until the prompt takes at most 3/4 of that, so trimming, which invalidates the cached history, happens once
+every several turns rather than at every turn. The client is told how many turns were dropped. With the
+``summarize`` policy the dropped turns are first folded into a short summary written by the model, which then
+rides in the system prompt. A prompt that does not fit even with no history is a 413.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm.conversations import Conversation, Turn
+from llm.engine import Engine, GenerationRequest, Handle, JsonConstraint, SamplingParams
+from llm.errors import BadRequest, PayloadTooLarge
+from llm.models import ModelSpec
+from llm.personalities import Personality
+
+MAX_PROMPT_CHARS = 200_000
+SUMMARY_TOKENS = 160
+
+
+def check_prompt(prompt: Any) -> str:
+    """A prompt is a non-empty string of bounded size."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRequest("Missing or empty 'prompt'.", param="prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise PayloadTooLarge(f"The prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
+    if "\x00" in prompt:
+        raise BadRequest("The prompt contains a NUL character.", param="prompt")
+    return prompt
+
+
+@dataclass
+class ActiveTurn:
+    """A submitted turn: iterate ``pieces()``, then call ``finish()`` to record it in the conversation."""
+
+    service: ChatService
+    conversation: Conversation | None
+    user_turn: Turn
+    handle: Handle
+    trimmed: int
+    sources: list[dict] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    text: str = ""
+
+    def pieces(self) -> Iterator[str]:
+        for piece in self.handle:
+            self.text += piece
+            yield piece
+
+    def finish(self) -> None:
+        """Keep the exchange (a stopped answer keeps what the user saw)."""
+        if self.conversation is None or self.handle.error is not None:
+            return
+        with self.conversation.lock:
+            self.conversation.turns.append(self.user_turn)
+            self.conversation.turns.append(Turn("assistant", self.text, sources=self.sources))
+            self.service.store.save(self.conversation)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
+class ChatService:
+    """Turns prompts into engine requests for personalities."""
+
+    def __init__(self, engine: Engine, personalities, store, specs: Callable[[Personality], ModelSpec],
+                 preprocessor=None, clock: Callable[[], datetime.datetime] = datetime.datetime.now):
+        self.engine = engine
+        self.personalities = personalities
+        self.store = store
+        self.spec_for = specs
+        self.preprocessor = preprocessor
+        self.clock = clock
+
+    def start(self, personality_name: str, prompt: Any, *, conversation_id: str | None = None,
+              remember: bool = True, constraint: JsonConstraint | None = None, extra_context: str = "",
+              sampling: dict[str, Any] | None = None, on_status: Callable[[str], None] | None = None,
+              system_prompt: str | None = None) -> ActiveTurn:
+        """Prepare and submit one turn; raises the ServiceError that stops it before generation."""
+        personality = self.personalities.get(personality_name)
+        prompt = check_prompt(prompt)
+        spec = self.spec_for(personality)
+        params = SamplingParams.from_mapping({**personality.sampling, **(sampling or {})})
+        question, context, sources, notices = self._prepare(personality, spec, prompt, on_status)
+        if extra_context:
+            context = f"{extra_context}\n\n{context}".strip()
+        user_turn = Turn("user", self._user_content(personality, question, context), display=prompt,
+                         sources=sources)
+        conversation = self.store.open(conversation_id, personality.name) if remember else None
+        system = system_prompt if system_prompt is not None else personality.system_prompt
+        messages, trimmed = self._fit(personality, spec, conversation, system, user_turn, params)
+        handle = self.engine.submit(GenerationRequest(
+            model=spec, messages=messages, sampling=params, constraint=constraint,
+            conversation=conversation.id if conversation else None))
+        return ActiveTurn(self, conversation, user_turn, handle, trimmed, sources, notices)
+
+    def _prepare(self, personality: Personality, spec: ModelSpec, prompt: str, on_status):
+        if self.preprocessor is None:
+            return prompt, "", [], []
+        prepared = self.preprocessor.prepare(
+            prompt, count_tokens=lambda text: self.engine.count_text_tokens(spec, text),
+            feeds=list(personality.feeds), knowledge=list(personality.knowledge), on_status=on_status)
+        sources = [{"title": source.title, "url": source.url} for source in prepared.sources]
+        return prepared.question, prepared.context, sources, list(prepared.notices)
+
+    def _user_content(self, personality: Personality, question: str, context: str) -> str:
+        """What the model reads for this turn: date and context ride here, outside the cached system prompt."""
+        parts = []
+        if personality.include_date:
+            parts.append(f"(Today is {self.clock():%A %d %B %Y}.)")
+        if context:
+            parts.append(f"Context:\n\"\"\"\n{context}\n\"\"\"\n")
+        parts.append(question)
+        return "\n".join(parts)
+
+    def _fit(self, personality: Personality, spec: ModelSpec, conversation: Conversation | None, system: str,
+             user_turn: Turn, params: SamplingParams) -> tuple[list[dict], int]:
+        """Messages within the token budget; returns them and how many turns were dropped this time."""
+        window = spec.context_window
+        limit = window - min(params.max_tokens, window // 4)
+
+        def build(conv_summary: str, history: list[dict]) -> list[dict]:
+            text = system if not conv_summary else f"{system}\n\nSummary of the earlier conversation: {conv_summary}"
+            return [{"role": "system", "content": text}, *history, {"role": "user", "content": user_turn.content}]
+
+        alone = self.engine.count_tokens(spec, build("", []))
+        if alone > limit:
+            raise PayloadTooLarge(
+                f"The prompt needs {alone} tokens (system prompt and context included) but at most {limit} of the "
+                f"{window}-token context window are available for it; shorten the prompt or its context.")
+        if conversation is None:
+            return build("", []), 0
+        with conversation.lock:
+            messages = build(conversation.summary, conversation.messages())
+            if self.engine.count_tokens(spec, messages) <= limit:
+                return messages, 0
+            dropped = self._trim(conversation, spec, build, int(limit * 0.75))
+            if personality.history_policy == "summarize" and dropped:
+                conversation.summary = self._summarize(spec, conversation, dropped)
+            return build(conversation.summary, conversation.messages()), len(dropped)
+
+    def _trim(self, conversation: Conversation, spec: ModelSpec, build, target: int) -> list[Turn]:
+        dropped = []
+        while conversation.first_kept < len(conversation.turns):
+            step = 2 if conversation.first_kept + 1 < len(conversation.turns) else 1
+            dropped.extend(conversation.turns[conversation.first_kept:conversation.first_kept + step])
+            conversation.first_kept += step
+            if self.engine.count_tokens(spec, build(conversation.summary, conversation.messages())) <= target:
+                break
+        return dropped
+
+    def _summarize(self, spec: ModelSpec, conversation: Conversation, dropped: list[Turn]) -> str:
+        """Memory compression: the model folds the dropped turns (and the old summary) into a few sentences."""
+        transcript = "\n".join(f"{turn.role}: {turn.content}" for turn in dropped)
+        if conversation.summary:
+            transcript = f"Earlier summary: {conversation.summary}\n{transcript}"
+        request = GenerationRequest(
+            model=spec, sampling=SamplingParams(temperature=0, max_tokens=SUMMARY_TOKENS, repeat_penalty=1.1),
+            messages=[{"role": "user", "content": "Summarise this conversation in at most three sentences, "
+                                                  f"keeping names, numbers and decisions:\n\n{transcript[-8000:]}"}])
+        return self.engine.submit(request).text().strip()

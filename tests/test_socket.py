@@ -1,0 +1,175 @@
+"""The websocket contract, with a real websocket client against a real server on 127.0.0.1 (fake engine)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import websocket
+
+from llm.errors import Overloaded
+
+
+def connect(server, personality="greedy", query=""):
+    return websocket.create_connection(f"{server.ws_url}/gpt-socket/{personality}{query}", timeout=10)
+
+
+def read_answer(ws) -> list[str]:
+    """Frames up to and including <END>."""
+    frames = []
+    while True:
+        frame = ws.recv()
+        frames.append(frame)
+        if frame == "<END>":
+            return frames
+
+
+def read_json_answer(ws) -> list[dict]:
+    frames = []
+    while True:
+        frame = json.loads(ws.recv())
+        frames.append(frame)
+        if frame["type"] == "end":
+            return frames
+
+
+def test_prompt_then_answer_plain(live_fake, fake_engine):
+    ws = connect(live_fake)
+    ws.send("Hi")
+    frames = read_answer(ws)
+    ws.close()
+    assert "".join(frames[:-1]) == "Hello from the fake engine."
+    assert fake_engine.requests[-1].messages[-1]["content"] == "Hi"
+
+
+def test_multi_turn_keeps_history(live_fake, fake_engine):
+    ws = connect(live_fake)
+    fake_engine.script(["Answer one."])
+    ws.send("One")
+    read_answer(ws)
+    ws.send("Two")
+    read_answer(ws)
+    ws.close()
+    contents = [m["content"] for m in fake_engine.requests[-1].messages[1:]]
+    assert contents == ["One", "Answer one.", "Two"]
+    assert fake_engine.requests[0].conversation == fake_engine.requests[1].conversation
+
+
+def test_session_resumes_on_a_new_socket(live_fake, fake_engine):
+    ws = connect(live_fake)
+    fake_engine.script(["Remembered."])
+    ws.send("|SESSION|case-42|/SESSION|Remember this")
+    read_answer(ws)
+    ws.close()
+    ws = connect(live_fake)
+    ws.send("|SESSION|case-42|/SESSION|What did I say?")
+    read_answer(ws)
+    ws.close()
+    request = fake_engine.requests[-1]
+    assert request.conversation == "case-42"
+    assert [m["content"] for m in request.messages[1:]] == ["Remember this", "Remembered.", "What did I say?"]
+
+
+def test_stop_ends_answer_and_end_follows(live_fake, fake_engine):
+    fake_engine.delay = 0.05
+    fake_engine.script([f" w{i}" for i in range(200)])
+    ws = connect(live_fake)
+    ws.send("Talk a lot")
+    first = ws.recv()
+    ws.send("|STOP|")
+    frames = [first] + read_answer(ws)
+    assert frames[-1] == "<END>"
+    assert len(frames) < 100
+    assert fake_engine.cancelled.wait(5)
+    ws.send("Still there?")  # the socket stays usable
+    assert read_answer(ws)[-1] == "<END>"
+    ws.close()
+
+
+def test_disconnect_mid_answer_cancels(live_fake, fake_engine):
+    fake_engine.delay = 0.05
+    fake_engine.script([f" w{i}" for i in range(400)])
+    ws = connect(live_fake)
+    ws.send("Talk a lot")
+    ws.recv()
+    ws.close()
+    assert fake_engine.cancelled.wait(5)
+
+
+def test_unknown_personality_error_frame(live_fake):
+    ws = connect(live_fake, "nobody")
+    frames = read_answer(ws)
+    ws.close()
+    assert frames[0].startswith("<ERROR> Unknown personality 'nobody'")
+    assert frames[-1] == "<END>"
+
+
+def test_overloaded_error_frame_keeps_socket(live_fake, fake_engine):
+    fake_engine.script(Overloaded())
+    ws = connect(live_fake)
+    ws.send("Hi")
+    frames = read_answer(ws)
+    ws.send("Again")
+    again = read_answer(ws)
+    ws.close()
+    assert frames[0].startswith("<ERROR> ") and "busy" in frames[0]
+    assert "".join(again[:-1]) == "Hello from the fake engine."
+
+
+def test_binary_frame_is_an_error(live_fake):
+    ws = connect(live_fake)
+    ws.send_binary(b"\xff\xfe")
+    frames = read_answer(ws)
+    ws.close()
+    assert frames[0].startswith("<ERROR> Binary frames")
+
+
+def test_json_mode_frames(live_fake):
+    ws = connect(live_fake, query="?format=json")
+    ws.send("|SESSION|json-1|/SESSION|Hi")
+    frames = read_json_answer(ws)
+    ws.close()
+    tokens = [frame["text"] for frame in frames if frame["type"] == "token"]
+    assert "".join(tokens) == "Hello from the fake engine."
+    end = frames[-1]
+    assert end["conversation"] == "json-1"
+    assert end["usage"]["completion_tokens"] == 5
+    assert end["trimmed_turns"] == 0 and end["finish_reason"] == "stop"
+
+
+def test_json_mode_error(live_fake):
+    ws = connect(live_fake, query="?format=json")
+    ws.send("   ")
+    frames = read_json_answer(ws)
+    assert frames[-1]["type"] == "end"
+    ws.send_binary(b"x")
+    frames = read_json_answer(ws)
+    ws.close()
+    assert frames[0]["type"] == "error" and frames[0]["status"] == 400
+
+
+@pytest.mark.parametrize("clients", [8])
+def test_concurrent_sockets_each_get_their_own_answer(live_fake, fake_engine, clients):
+    fake_engine.delay = 0.002
+    results: dict[int, str] = {}
+
+    def run(index: int) -> None:
+        ws = connect(live_fake)
+        ws.send(f"|SESSION|client-{index}|/SESSION|Hello {index}")
+        results[index] = "".join(read_answer(ws)[:-1])
+        ws.close()
+
+    for index in range(clients):
+        fake_engine.script([f"answer-{index}"])
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert len(results) == clients
+    # Scripts are handed out in submit order; each client must get exactly one whole scripted answer.
+    assert sorted(results.values()) == sorted(f"answer-{index}" for index in range(clients))
+    by_conversation = {r.conversation: r.messages[-1]["content"] for r in fake_engine.requests}
+    for index in range(clients):
+        assert by_conversation[f"client-{index}"] == f"Hello {index}"
