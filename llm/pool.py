@@ -41,6 +41,10 @@ class ModelPool:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        # llama-cpp-python prints every llama.cpp info line to stderr unless its logger says otherwise.
+        llama_logger = logging.getLogger("llama-cpp-python")
+        if llama_logger.level == logging.NOTSET:
+            llama_logger.setLevel(logging.WARNING)
         self._workers: OrderedDict[str, Worker] = OrderedDict()
         self._lock = threading.RLock()
         self._loading: set[str] = set()

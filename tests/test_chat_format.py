@@ -1,0 +1,44 @@
+"""Chat formats: the GGUF template wins, then the architecture; never a silent guess."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm.chat_format import choose_format
+from llm.errors import ConfigError
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+
+
+def test_gemma_from_architecture_puts_system_in_first_user_turn():
+    fmt = choose_format({"general.architecture": "gemma3"}, None, "<bos>", "<eos>")
+    assert fmt.render(MESSAGES, True) == (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_template_from_gguf_wins_and_bos_is_not_doubled():
+    template = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    fmt = choose_format({"general.architecture": "llama", "tokenizer.chat_template": template}, None, "<s>", "</s>")
+    assert fmt.render(MESSAGES, True) == "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>"
+    assert fmt.stops == ("</s>",)
+
+
+def test_unknown_architecture_without_template_fails_loudly():
+    with pytest.raises(ConfigError, match="LLM_CHAT_FORMAT"):
+        choose_format({"general.architecture": "llama"}, None, "<s>", "</s>")
+
+
+def test_override():
+    assert choose_format({"general.architecture": "llama"}, "chatml", "", "").name == "chatml"
+    with pytest.raises(ConfigError, match="LLM_CHAT_FORMAT"):
+        choose_format({}, "llama-2", "", "")
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2", "phi3"])
+def test_renderings_are_prefix_stable(arch):
+    fmt = choose_format({"general.architecture": arch}, None, "", "")
+    turn1 = fmt.render(MESSAGES, True)
+    follow_up = [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More"}]
+    turn2 = fmt.render(MESSAGES + follow_up, True)
+    assert turn2.startswith(turn1 + "Hello.")
