@@ -95,12 +95,14 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     chat = ChatService(engine, personalities, store, specs, preprocessor)
     app.extensions["llm"] = Services(settings, engine, personalities, specs, chat, store, preprocessor)
 
-    from llm.api import gpt, pages, socket
+    from llm.api import gpt, openai, pages, socket, toil
     from llm.api.errors import register_error_handlers
 
     register_error_handlers(app)
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(gpt.blueprint)
+    app.register_blueprint(toil.blueprint)
+    app.register_blueprint(openai.blueprint)
     socket.register(Sock(app))
     return app
 

@@ -105,6 +105,38 @@ class ChatService:
             conversation=conversation.id if conversation else None))
         return ActiveTurn(self, conversation, user_turn, handle, trimmed, sources, notices)
 
+    def start_messages(self, personality_name: str, messages: Any, *, constraint: JsonConstraint | None = None,
+                       sampling: dict[str, Any] | None = None) -> ActiveTurn:
+        """A turn from client-held history (OpenAI style): the personality's system prompt is prepended unless
+        the client brings its own, and the RAG preprocessor applies to the last user message."""
+        personality = self.personalities.get(personality_name)
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty list.", param="messages")
+        messages = [message_text(message, index) for index, message in enumerate(messages)]
+        spec = self.spec_for(personality)
+        params = SamplingParams.from_mapping({**personality.sampling, **(sampling or {})})
+        if not any(message["role"] == "system" for message in messages):
+            messages.insert(0, {"role": "system", "content": personality.system_prompt})
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        sources, notices = [], []
+        if last_user is not None:
+            check_prompt(messages[last_user]["content"])
+            question, context, sources, notices = self._prepare(personality, spec, messages[last_user]["content"],
+                                                                None)
+            messages[last_user]["content"] = self._user_content(personality, question, context)
+        handle = self.engine.submit(GenerationRequest(model=spec, messages=messages, sampling=params,
+                                                      constraint=constraint))
+        return ActiveTurn(self, None, Turn("user", ""), handle, 0, sources, notices)
+
+    def start_raw(self, personality_name: str, prompt: Any, sampling: dict[str, Any] | None = None) -> ActiveTurn:
+        """Plain text completion with a personality's model and sampling defaults (no chat formatting)."""
+        personality = self.personalities.get(personality_name)
+        prompt = check_prompt(prompt)
+        params = SamplingParams.from_mapping({**personality.sampling, **(sampling or {})})
+        handle = self.engine.submit(GenerationRequest(model=self.spec_for(personality), raw_prompt=prompt,
+                                                      sampling=params))
+        return ActiveTurn(self, None, Turn("user", prompt), handle, 0)
+
     def _prepare(self, personality: Personality, spec: ModelSpec, prompt: str, on_status):
         if self.preprocessor is None:
             return prompt, "", [], []
@@ -170,3 +202,25 @@ class ChatService:
             messages=[{"role": "user", "content": "Summarise this conversation in at most three sentences, "
                                                   f"keeping names, numbers and decisions:\n\n{transcript[-8000:]}"}])
         return self.engine.submit(request).text().strip()
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def message_text(message: Any, index: int) -> dict[str, str]:
+    """One chat message as {role, content}; content may be a string or OpenAI's list of text parts."""
+    if not isinstance(message, dict):
+        raise BadRequest(f"messages[{index}] must be an object.", param=f"messages[{index}]")
+    role = "system" if message.get("role") == "developer" else message.get("role")
+    if role not in ROLES:
+        raise BadRequest(f"messages[{index}].role must be one of {', '.join(ROLES)}.", param=f"messages[{index}].role")
+    content = message.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                   for part in content):
+            raise BadRequest(f"messages[{index}].content: only text parts are supported.",
+                             param=f"messages[{index}].content")
+        content = "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise BadRequest(f"messages[{index}].content must be a string.", param=f"messages[{index}].content")
+    return {"role": role, "content": content}

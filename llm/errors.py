@@ -78,3 +78,9 @@ class GenerationFailed(ServiceError):
 
 class ConfigError(Exception):
     """Bad settings or data files; stops start-up with a message naming the culprit."""
+
+
+class IncompleteOutput(Unprocessable):
+    """Constrained output that ran out of tokens before the value was complete: never sent truncated."""
+
+    type = "incomplete_output"

@@ -88,7 +88,7 @@ def test_date_rides_in_the_user_turn_not_the_system_prompt(client, fake_engine):
 def test_personalities_listing(client):
     body = client.get("/personalities").get_json()
     names = [item["name"] for item in body["personalities"]]
-    assert names == ["greedy", "other"]
+    assert names == ["greedy", "other", "structured"]
     first = body["personalities"][0]
     assert first["intro"] == "Test intro." and first["model"] == "fake-model.gguf"
     assert "system_prompt" not in first

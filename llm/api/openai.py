@@ -1,0 +1,246 @@
+"""An OpenAI-compatible API (``/v1``) with personalities as models, so existing clients work unchanged.
+
+Chat and text completions, streaming as server-sent events in OpenAI's chunk format, structured output with
+the same guarantees as ``/toil``, and errors in OpenAI's shape (rendered by ``llm.api.errors``). When
+``LLM_API_KEYS`` is set, every ``/v1`` request needs ``Authorization: Bearer <key>``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from llm.chat import ActiveTurn
+from llm.engine import JsonConstraint
+from llm.errors import BadRequest, IncompleteOutput, PayloadTooLarge, ServiceError, Unauthorized
+from llm.schema_support import check_schema, validate_output
+
+blueprint = Blueprint("openai", __name__, url_prefix="/v1")
+
+
+def services():
+    return current_app.extensions["llm"]
+
+
+@blueprint.before_request
+def require_key() -> None:
+    keys = services().settings.api_keys
+    if not keys:
+        return
+    allowed = {key.split(":", 1)[-1] for key in keys}
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    if token not in allowed:
+        raise Unauthorized("A valid API key is required: send 'Authorization: Bearer <key>'.")
+
+
+def body() -> dict:
+    data = request.get_json(silent=True) if request.is_json else None
+    if not isinstance(data, dict):
+        raise BadRequest("The body must be a JSON object.")
+    return data
+
+
+def _number(data: dict, name: str, low: float, high: float, integer: bool = False) -> Any:
+    value = data.get(name)
+    if value is None:
+        return None
+    kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not kind_ok or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise BadRequest(f"'{name}' must be {kind} between {low} and {high}.", param=name)
+    return value
+
+
+def sampling_options(data: dict) -> dict[str, Any]:
+    """OpenAI parameters mapped onto our sampling settings (None means the personality's default)."""
+    if data.get("n", 1) != 1:
+        raise BadRequest("Only n=1 is supported.", param="n")
+    stop = data.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
+                             or not all(isinstance(item, str) and item for item in stop)):
+        raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings.", param="stop")
+    max_tokens = _number(data, "max_completion_tokens", 1, 1 << 20, True) or _number(data, "max_tokens", 1, 1 << 20,
+                                                                                     True)
+    return {"temperature": _number(data, "temperature", 0, 2), "top_p": _number(data, "top_p", 0.0001, 1),
+            "seed": _number(data, "seed", 0, 2**63, True), "max_tokens": max_tokens, "stop": stop,
+            "presence_penalty": _number(data, "presence_penalty", -2, 2),
+            "frequency_penalty": _number(data, "frequency_penalty", -2, 2)}
+
+
+def response_constraint(data: dict) -> tuple[JsonConstraint | None, Any]:
+    """``response_format``: json_object or json_schema (validated like /toil), else free text."""
+    fmt = data.get("response_format")
+    if fmt is None:
+        return None, None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise BadRequest("response_format.type must be text, json_object or json_schema.", param="response_format")
+    if fmt["type"] == "text":
+        return None, None
+    if fmt["type"] == "json_object":
+        return JsonConstraint(None), None
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or "schema" not in spec:
+        raise BadRequest("response_format.json_schema.schema is required.", param="response_format")
+    check_schema(spec["schema"])
+    return JsonConstraint(spec["schema"]), spec["schema"]
+
+
+def context_errors(error: PayloadTooLarge) -> BadRequest:
+    """OpenAI reports an over-long prompt as a 400 with code context_length_exceeded."""
+    converted = BadRequest(error.message, param="messages")
+    converted.code = "context_length_exceeded"
+    return converted
+
+
+def usage_of(turn: ActiveTurn) -> dict[str, int]:
+    usage = turn.handle.usage
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+def finish_reason(turn: ActiveTurn) -> str:
+    return "length" if turn.handle.finish_reason == "length" else "stop"
+
+
+@blueprint.get("/models")
+def models():
+    llm = services()
+    data = [{"id": p.name, "object": "model", "created": 0, "owned_by": "local",
+             "description": p.description, "gguf": llm.specs(p).name} for p in llm.personalities.all()]
+    return jsonify({"object": "list", "data": data})
+
+
+@blueprint.get("/models/<name>")
+def model(name: str):
+    llm = services()
+    personality = llm.personalities.get(name)
+    return jsonify({"id": name, "object": "model", "created": 0, "owned_by": "local",
+                    "description": personality.description, "gguf": llm.specs(personality).name})
+
+
+def _model_name(data: dict) -> str:
+    name = data.get("model")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("'model' (a personality name) is required.", param="model")
+    return name
+
+
+@blueprint.post("/chat/completions")
+def chat_completions():
+    data = body()
+    name = _model_name(data)
+    constraint, schema = response_constraint(data)
+    try:
+        turn = services().chat.start_messages(name, data.get("messages"), constraint=constraint,
+                                              sampling=sampling_options(data))
+    except PayloadTooLarge as error:
+        raise context_errors(error) from None
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if data.get("stream"):
+        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        return sse(chat_chunks(turn, ident, created, name, include_usage, constraint, schema))
+    try:
+        text = "".join(turn.pieces())
+    finally:
+        turn.cancel()
+    if constraint is not None:
+        if turn.handle.finish_reason == "length":
+            raise IncompleteOutput("The JSON value was not complete within max_tokens; raise max_tokens.")
+        validate_output(schema, text)
+    message = {"role": "assistant", "content": text}
+    return jsonify({"id": ident, "object": "chat.completion", "created": created, "model": name,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(turn),
+                                 "logprobs": None}],
+                    "usage": usage_of(turn)})
+
+
+def chat_chunks(turn: ActiveTurn, ident: str, created: int, name: str, include_usage: bool,
+                constraint, schema) -> Iterator[dict]:
+    def chunk(delta: dict, reason: str | None = None) -> dict:
+        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        for piece in turn.pieces():
+            yield chunk({"content": piece})
+    finally:
+        turn.cancel()
+    if constraint is not None:
+        if turn.handle.finish_reason == "length":
+            raise IncompleteOutput("The JSON value was not complete within max_tokens; raise max_tokens.")
+        validate_output(schema, turn.text)
+    yield chunk({}, finish_reason(turn))
+    if include_usage:
+        yield {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [],
+               "usage": usage_of(turn)}
+
+
+def sse(events: Iterator[dict]) -> Response:
+    """Server-sent events ending with ``[DONE]``; an error mid-stream becomes an error event; a client that
+    goes away cancels generation."""
+
+    def stream() -> Iterator[str]:
+        try:
+            for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except ServiceError as error:
+            yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.type, 'code': None}})}\n\n"
+        finally:
+            events.close()  # runs the generator's cleanup, which cancels the engine request
+        yield "data: [DONE]\n\n"
+
+    return Response(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                      "X-Accel-Buffering": "no"})
+
+
+@blueprint.post("/completions")
+def completions():
+    data = body()
+    name = _model_name(data)
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    try:
+        turn = services().chat.start_raw(name, prompt, sampling_options(data))
+    except PayloadTooLarge as error:
+        raise context_errors(error) from None
+    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if data.get("stream"):
+        return sse(text_chunks(turn, ident, created, name))
+    try:
+        text = "".join(turn.pieces())
+    finally:
+        turn.cancel()
+    return jsonify({"id": ident, "object": "text_completion", "created": created, "model": name,
+                    "choices": [{"index": 0, "text": text, "finish_reason": finish_reason(turn), "logprobs": None}],
+                    "usage": usage_of(turn)})
+
+
+def text_chunks(turn: ActiveTurn, ident: str, created: int, name: str) -> Iterator[dict]:
+    try:
+        for piece in turn.pieces():
+            yield {"id": ident, "object": "text_completion", "created": created, "model": name,
+                   "choices": [{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}]}
+        yield {"id": ident, "object": "text_completion", "created": created, "model": name,
+               "choices": [{"index": 0, "text": "", "finish_reason": finish_reason(turn), "logprobs": None}]}
+    finally:
+        turn.cancel()
+
+
+@blueprint.post("/embeddings")
+def embeddings():
+    body()
+    error = BadRequest("Embeddings are not supported: the service's models are loaded for text generation only.",
+                       param="model")
+    error.code = "embeddings_not_supported"
+    raise error

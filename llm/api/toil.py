@@ -1,0 +1,76 @@
+"""``/toil/<personality>``: JSON in, JSON out, schema-valid by construction and checked before it leaves.
+
+Decoding is constrained token by token to the schema (or to any JSON object without one); the finished text
+is then parsed and validated with ``jsonschema``. A schema that is not valid is a 400, one the constraint
+engine cannot enforce a 422 naming the keywords, and an answer cut off by the token limit a 422: a client never
+receives a document that does not validate.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from flask import Blueprint, Response, current_app, request
+
+from llm.api.gpt import sources_headers
+from llm.engine import JsonConstraint
+from llm.errors import BadRequest, IncompleteOutput
+from llm.schema_support import check_schema, validate_output
+
+blueprint = Blueprint("toil", __name__)
+URL = re.compile(r"^https?://\S+$", re.IGNORECASE)
+FIELDS = {"prompt", "schema", "text", "session"}
+
+
+def instruction(schema) -> str:
+    """Tell the model what is wanted; the constraint guarantees it, this makes the content sensible."""
+    if schema is None:
+        return "Answer with a JSON object."
+    return "Answer with JSON that follows this JSON Schema:\n" + json.dumps(schema, ensure_ascii=False)
+
+
+def parse_body() -> dict:
+    body = request.get_json(silent=True) if request.is_json else None
+    if not isinstance(body, dict):
+        raise BadRequest('The body must be a JSON object: {"prompt": "...", "schema": {...}}.')
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise BadRequest(f"Unknown fields: {', '.join(unknown)}. Allowed: {', '.join(sorted(FIELDS))}.")
+    for name in ("text", "session"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise BadRequest(f"'{name}' must be a string.", param=name)
+    return body
+
+
+@blueprint.post("/toil/<personality>")
+def toil(personality: str):
+    """A JSON value that validates against the request's schema."""
+    body = parse_body()
+    schema = body.get("schema")
+    if schema is not None:
+        check_schema(schema)
+    llm = current_app.extensions["llm"]
+    llm.personalities.get(personality)  # 404 before any work
+    prompt = body.get("prompt")
+    text = (body.get("text") or "").strip()
+    if isinstance(prompt, str) and prompt.strip():
+        if URL.match(text):  # a URL as text: fetched as context by the preprocessor
+            prompt = f"{text} {prompt}"
+            text = ""
+        prompt = f"{prompt}\n\n{instruction(schema)}"
+    turn = llm.chat.start(personality, prompt, conversation_id=body.get("session"),
+                          remember=body.get("session") is not None, constraint=JsonConstraint(schema),
+                          extra_context=text)
+    try:
+        answer = "".join(turn.pieces())
+    finally:
+        turn.cancel()
+    if turn.handle.finish_reason == "length":
+        raise IncompleteOutput(
+            f"The JSON value was not complete after {turn.handle.usage.completion_tokens} tokens (the "
+            "personality's max_tokens); nothing is returned rather than a truncated document.")
+    value = validate_output(schema, answer)
+    turn.finish()
+    return Response(json.dumps(value, ensure_ascii=False), mimetype="application/json",
+                    headers=sources_headers(turn))

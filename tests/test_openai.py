@@ -1,0 +1,172 @@
+"""The /v1 API with the official openai client: models, chat, streaming, structured output, errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import openai
+import pytest
+from pydantic import BaseModel
+
+from llm.errors import Overloaded
+from tests.conftest import LiveServer
+
+
+def client_for(server, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def oai(live_fake):
+    client = client_for(live_fake)
+    yield client
+    client.close()
+
+
+def test_list_models(oai):
+    models = oai.models.list()
+    assert [m.id for m in models.data] == ["greedy", "other", "structured"]
+    assert models.data[0].model_extra["gguf"] == "fake-model.gguf"
+
+
+def test_chat_non_streaming(oai, fake_engine):
+    reply = oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "Hi"}],
+                                        max_tokens=50, temperature=0.3, seed=7, stop=["zz"])
+    assert reply.choices[0].message.content == "Hello from the fake engine."
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == 5
+    request = fake_engine.requests[-1]
+    assert request.messages[0]["content"] == "You are a test assistant."  # personality system prompt prepended
+    assert request.sampling.max_tokens == 50 and request.sampling.seed == 7 and request.sampling.stop == ("zz",)
+
+
+def test_own_system_message_replaces_personality_prompt(oai, fake_engine):
+    oai.chat.completions.create(model="greedy", messages=[{"role": "system", "content": "Pirate."},
+                                                          {"role": "user", "content": "Hi"}])
+    assert [m["content"] for m in fake_engine.requests[-1].messages] == ["Pirate.", "Hi"]
+
+
+def test_finish_reason_length(oai, fake_engine):
+    reply = oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.content == "Hello from"
+
+
+def test_chat_streaming_with_usage(oai):
+    stream = oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "Hi"}], stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello from the fake engine."
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+def test_text_completion(oai, fake_engine):
+    reply = oai.completions.create(model="greedy", prompt="Once upon a time")
+    assert reply.choices[0].text == "Hello from the fake engine."
+    assert fake_engine.requests[-1].raw_prompt == "Once upon a time"
+
+
+def test_structured_output_parsed_by_client(oai, fake_engine):
+    class City(BaseModel):
+        name: str
+        population: int
+
+    fake_engine.script(['{"name": "Lyon",', ' "population": 522000}'])
+    reply = oai.beta.chat.completions.parse(model="greedy", messages=[{"role": "user", "content": "A city"}],
+                                            response_format=City)
+    assert reply.choices[0].message.parsed == City(name="Lyon", population=522000)
+    assert fake_engine.requests[-1].constraint.schema["properties"]["population"]["type"] == "integer"
+
+
+def test_structured_output_never_returns_invalid(oai, fake_engine):
+    fake_engine.script(['{"name": 5}'])
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    with pytest.raises(openai.APIStatusError) as info:
+        oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}],
+                                    response_format={"type": "json_schema",
+                                                     "json_schema": {"name": "x", "schema": schema, "strict": True}})
+    assert info.value.status_code >= 400
+
+
+@pytest.mark.parametrize("call, exception, status", [
+    (lambda c: c.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "x"}]),
+     openai.NotFoundError, 404),
+    (lambda c: c.chat.completions.create(model="greedy", messages=[]), openai.BadRequestError, 400),
+    (lambda c: c.chat.completions.create(model="greedy", messages=[{"role": "wizard", "content": "x"}]),
+     openai.BadRequestError, 400),
+    (lambda c: c.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}], n=3),
+     openai.BadRequestError, 400),
+    (lambda c: c.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}],
+                                         temperature=9), openai.BadRequestError, 400),
+    (lambda c: c.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}],
+                                         response_format={"type": "json_schema",
+                                                          "json_schema": {"name": "x", "schema": {"type": 5}}}),
+     openai.BadRequestError, 400),
+    (lambda c: c.embeddings.create(model="greedy", input="x"), openai.BadRequestError, 400),
+])
+def test_errors_raise_client_exceptions(oai, call, exception, status):
+    with pytest.raises(exception) as info:
+        call(oai)
+    assert info.value.status_code == status
+    assert info.value.body["message"]
+
+
+def test_context_length_exceeded(oai):
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "word " * 5000}])
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_overloaded_is_503(oai, fake_engine):
+    fake_engine.script(Overloaded())
+    with pytest.raises(openai.InternalServerError) as info:
+        oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 503
+
+
+def test_api_keys_required_when_configured(make_app):
+    server = LiveServer(make_app(LLM_API_KEYS="alice:secret-a,secret-b"))
+    try:
+        with client_for(server, "wrong") as bad, pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        for key in ("secret-a", "secret-b"):
+            with client_for(server, key) as good:
+                assert good.models.list().data
+    finally:
+        server.close()
+
+
+def test_concurrent_streaming_clients(live_fake, fake_engine):
+    fake_engine.delay = 0.002
+    results = {}
+
+    def run(index: int) -> None:
+        with client_for(live_fake) as client:
+            stream = client.chat.completions.create(model="greedy", messages=[{"role": "user", "content": f"{index}"}],
+                                                    stream=True)
+            results[index] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert list(results.values()) == ["Hello from the fake engine."] * 6
+
+
+@pytest.mark.integration
+def test_real_model_structured_output(live_real):
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                               "count": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["colour", "count"], "additionalProperties": False}
+    with client_for(live_real) as client:
+        reply = client.chat.completions.create(
+            model="greedy", messages=[{"role": "user", "content": "Pick a colour and a count."}], max_tokens=60,
+            response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": schema, "strict": True}})
+        value = json.loads(reply.choices[0].message.content)
+        assert value["colour"] in ("red", "green", "blue") and 1 <= value["count"] <= 9
+        stream = client.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "Hello"}],
+                                                stream=True, max_tokens=8)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)

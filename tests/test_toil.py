@@ -1,0 +1,92 @@
+"""/toil: JSON in, valid JSON out, every refusal a 4xx naming why."""
+
+from __future__ import annotations
+
+import jsonschema
+import pytest
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 130}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_schema_answer_is_returned_as_json(client, fake_engine):
+    fake_engine.script(['{"name": "Ada",', ' "age": 36}'])
+    response = client.post("/toil/greedy", json={"prompt": "A person", "schema": PERSON})
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    assert response.get_json() == {"name": "Ada", "age": 36}
+    request = fake_engine.requests[-1]
+    assert request.constraint.schema == PERSON
+    assert '"required"' in request.messages[-1]["content"]  # the schema is shown to the model too
+
+
+def test_without_schema_any_object(client, fake_engine):
+    fake_engine.script(['{"ok": true}'])
+    response = client.post("/toil/greedy", json={"prompt": "Anything"})
+    assert response.get_json() == {"ok": True}
+    assert fake_engine.requests[-1].constraint.schema is None
+
+
+def test_text_field_is_context(client, fake_engine):
+    fake_engine.script(['{"ok": true}'])
+    client.post("/toil/greedy", json={"prompt": "Summarise", "text": "The meeting is on Tuesday."})
+    assert "The meeting is on Tuesday." in fake_engine.requests[-1].messages[-1]["content"]
+
+
+def test_invalid_output_is_never_returned(client, fake_engine):
+    fake_engine.script(['{"name": "Ada"}'])
+    response = client.post("/toil/greedy", json={"prompt": "A person", "schema": PERSON})
+    assert response.status_code >= 400
+    assert "error" in response.get_json()
+
+
+def test_truncated_output_is_an_error(client, fake_engine):
+    fake_engine.script(["{"] + ['"a' for _ in range(100)])
+    response = client.post("/toil/greedy", json={"prompt": "x", "schema": {"type": "object"}})
+    assert response.status_code == 422
+    assert "not complete" in response.get_json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({"prompt": "x", "schema": {"type": "nonsense"}}, 400, "schema"),
+    ({"prompt": "x", "schema": {"minLength": "five"}}, 400, "schema"),
+    ({"prompt": "x", "schema": 5}, 400, "schema"),
+    ({"schema": {"type": "object"}}, 400, "prompt"),
+    ({"prompt": "x", "colour": "red"}, 400, "Unknown fields: colour"),
+    ({"prompt": "x", "text": 5}, 400, "'text'"),
+    ([1, 2], 400, "JSON object"),
+])
+def test_bad_requests(client, body, status, needle):
+    response = client.post("/toil/greedy", json=body)
+    assert response.status_code == status
+    assert needle.lower() in response.get_json()["error"]["message"].lower()
+
+
+def test_unknown_personality(client):
+    response = client.post("/toil/nobody", json={"prompt": "x"})
+    assert response.status_code == 404
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("schema", [
+    PERSON,
+    {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}, "minItems": 2, "maxItems": 3},
+    {"$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"},
+                                                           "kids": {"type": "array", "items": {"$ref": "#/$defs/node"},
+                                                                    "maxItems": 2}},
+                        "required": ["v"], "additionalProperties": False}},
+     "$ref": "#/$defs/node"},
+    {"type": "object", "properties": {"id": {"type": "string", "format": "uuid"},
+                                      "when": {"type": "string", "format": "date"},
+                                      "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}},
+     "required": ["id", "when", "code"], "additionalProperties": False},
+])
+def test_real_model_output_validates(real_app, schema):
+    response = real_app.test_client().post("/toil/structured", json={"prompt": "Give an example.", "schema": schema})
+    body = response.get_json()
+    if "$ref" in schema and response.status_code == 422:
+        # A base model may nest a recursive structure until the token limit: a clear error, never a broken value.
+        assert body["error"]["type"] == "incomplete_output"
+        return
+    assert response.status_code == 200, body
+    jsonschema.validate(body, schema, format_checker=jsonschema.FormatChecker())
