@@ -51,12 +51,24 @@ class ActiveTurn:
     trimmed: int
     sources: list[dict] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+    personality: str = ""
+    channel: str = ""  # which endpoint: gpt, socket, toil, openai
+    user: str | None = None
     text: str = ""
+    error: Exception | None = None
 
     def pieces(self) -> Iterator[str]:
-        for piece in self.handle:
-            self.text += piece
-            yield piece
+        """The answer's text pieces; the service's observer hears about the turn once it ends, however it ends."""
+        try:
+            for piece in self.handle:
+                self.text += piece
+                yield piece
+        except Exception as exc:
+            self.error = exc
+            raise
+        finally:
+            if self.service.observer is not None:
+                self.service.observer.turn_finished(self)
 
     def finish(self) -> None:
         """Keep the exchange (a stopped answer keeps what the user saw)."""
@@ -75,7 +87,8 @@ class ChatService:
     """Turns prompts into engine requests for personalities."""
 
     def __init__(self, engine: Engine, personalities, store, specs: Callable[[Personality], ModelSpec],
-                 preprocessor=None, clock: Callable[[], datetime.datetime] = datetime.datetime.now):
+                 preprocessor=None, clock: Callable[[], datetime.datetime] = datetime.datetime.now, observer=None):
+        self.observer = observer  # has turn_finished(ActiveTurn): metrics and logs
         self.engine = engine
         self.personalities = personalities
         self.store = store
@@ -86,7 +99,7 @@ class ChatService:
     def start(self, personality_name: str, prompt: Any, *, conversation_id: str | None = None,
               remember: bool = True, constraint: JsonConstraint | None = None, extra_context: str = "",
               sampling: dict[str, Any] | None = None, on_status: Callable[[str], None] | None = None,
-              system_prompt: str | None = None) -> ActiveTurn:
+              system_prompt: str | None = None, channel: str = "", user: str | None = None) -> ActiveTurn:
         """Prepare and submit one turn; raises the ServiceError that stops it before generation."""
         personality = self.personalities.get(personality_name)
         prompt = check_prompt(prompt)
@@ -103,10 +116,12 @@ class ChatService:
         handle = self.engine.submit(GenerationRequest(
             model=spec, messages=messages, sampling=params, constraint=constraint,
             conversation=conversation.id if conversation else None))
-        return ActiveTurn(self, conversation, user_turn, handle, trimmed, sources, notices)
+        return ActiveTurn(self, conversation, user_turn, handle, trimmed, sources, notices, personality.name, channel,
+                          user)
 
     def start_messages(self, personality_name: str, messages: Any, *, constraint: JsonConstraint | None = None,
-                       sampling: dict[str, Any] | None = None) -> ActiveTurn:
+                       sampling: dict[str, Any] | None = None, channel: str = "openai",
+                       user: str | None = None) -> ActiveTurn:
         """A turn from client-held history (OpenAI style): the personality's system prompt is prepended unless
         the client brings its own, and the RAG preprocessor applies to the last user message."""
         personality = self.personalities.get(personality_name)
@@ -126,16 +141,19 @@ class ChatService:
             messages[last_user]["content"] = self._user_content(personality, question, context)
         handle = self.engine.submit(GenerationRequest(model=spec, messages=messages, sampling=params,
                                                       constraint=constraint))
-        return ActiveTurn(self, None, Turn("user", ""), handle, 0, sources, notices)
+        return ActiveTurn(self, None, Turn("user", messages[-1]["content"]), handle, 0, sources, notices,
+                          personality.name, channel, user)
 
-    def start_raw(self, personality_name: str, prompt: Any, sampling: dict[str, Any] | None = None) -> ActiveTurn:
+    def start_raw(self, personality_name: str, prompt: Any, sampling: dict[str, Any] | None = None,
+                  channel: str = "openai", user: str | None = None) -> ActiveTurn:
         """Plain text completion with a personality's model and sampling defaults (no chat formatting)."""
         personality = self.personalities.get(personality_name)
         prompt = check_prompt(prompt)
         params = SamplingParams.from_mapping({**personality.sampling, **(sampling or {})})
         handle = self.engine.submit(GenerationRequest(model=self.spec_for(personality), raw_prompt=prompt,
                                                       sampling=params))
-        return ActiveTurn(self, None, Turn("user", prompt), handle, 0)
+        return ActiveTurn(self, None, Turn("user", prompt), handle, 0, personality=personality.name, channel=channel,
+                          user=user)
 
     def _prepare(self, personality: Personality, spec: ModelSpec, prompt: str, on_status):
         if self.preprocessor is None:

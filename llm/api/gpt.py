@@ -43,7 +43,8 @@ def gpt(personality: str):
     if session is not None and not isinstance(session, str):
         raise BadRequest("'session' must be a string.", param="session")
     llm = current_app.extensions["llm"]
-    turn = llm.chat.start(personality, values.get("prompt"), conversation_id=session, remember=session is not None)
+    turn = llm.chat.start(personality, values.get("prompt"), conversation_id=session, remember=session is not None,
+                          channel="gpt")
     try:
         text = "".join(turn.pieces())
     finally:

@@ -131,7 +131,7 @@ class SocketSession:
         frames = self.frames
         status = (lambda text: frames.send("status", message=text)) if frames.json_mode else None
         turn = self.llm.chat.start(self.personality, prompt, conversation_id=self._ensure_conversation(),
-                                   on_status=status)
+                                   on_status=status, channel="socket")
         with self._lock:
             self.current = turn
         try:

@@ -61,7 +61,7 @@ def toil(personality: str):
         prompt = f"{prompt}\n\n{instruction(schema)}"
     turn = llm.chat.start(personality, prompt, conversation_id=body.get("session"),
                           remember=body.get("session") is not None, constraint=JsonConstraint(schema),
-                          extra_context=text)
+                          extra_context=text, channel="toil")
     try:
         answer = "".join(turn.pieces())
     finally:
