@@ -9,7 +9,7 @@ LLAMA_VERSION := 0.3.36
 # auto: build llama.cpp with CUDA when an NVIDIA GPU and nvcc are present; cpu or cuda force the choice.
 LLM_BACKEND ?= auto
 
-.PHONY: install run serve test test-fast lint bench bench-schema soak browser-deps clean
+.PHONY: install run serve test test-fast lint bench bench-schema soak test-deps browser-deps clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,11 +38,19 @@ run: install
 serve: install
 	$(VENV)/bin/gunicorn --config gunicorn.conf.py 'app:create_app()'
 
-browser-deps:
-	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+# Debian packages the tests drive for real: Chromium for the chat page, PostgreSQL for the shared store.
+test-deps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium chromium-driver"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
-test: install browser-deps
+browser-deps: test-deps
+
+test: install test-deps
 	$(PY) -m pytest
 
 test-fast: install

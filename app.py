@@ -18,12 +18,12 @@ from flask import Flask
 from flask_sock import Sock
 
 from llm.chat import ChatService
-from llm.conversations import MemoryConversationStore
 from llm.engine import Engine
 from llm.errors import ConfigError
 from llm.models import ModelSpec, resolve
 from llm.personalities import ModelChoice, Personality, PersonalityRegistry
 from llm.settings import Settings, load_settings, settings_help_text
+from llm.store import RetentionSweeper, SqlConversationStore
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("llm")
@@ -90,15 +90,21 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
 
         engine = ModelPool(settings)
         engine.preload(specs())
-    store = MemoryConversationStore()
+    store = SqlConversationStore(settings.database_url or
+                                 f"sqlite:///{Path(settings.data_dir).expanduser() / 'conversations.db'}")
+    if settings.retention_days > 0:
+        RetentionSweeper(store, engine, settings.retention_days).start()
     preprocessor = _make_preprocessor(settings)
     chat = ChatService(engine, personalities, store, specs, preprocessor)
     app.extensions["llm"] = Services(settings, engine, personalities, specs, chat, store, preprocessor)
 
-    from llm.api import gpt, openai, pages, socket, toil
+    from llm import auth
+    from llm.api import gpt, history, openai, pages, socket, toil
     from llm.api.errors import register_error_handlers
 
     register_error_handlers(app)
+    auth.install(app)
+    app.register_blueprint(history.blueprint)
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(gpt.blueprint)
     app.register_blueprint(toil.blueprint)

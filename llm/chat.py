@@ -56,6 +56,7 @@ class ActiveTurn:
     user: str | None = None
     text: str = ""
     error: Exception | None = None
+    assistant_turn: Turn | None = None
 
     def pieces(self) -> Iterator[str]:
         """The answer's text pieces; the service's observer hears about the turn once it ends, however it ends."""
@@ -71,13 +72,12 @@ class ActiveTurn:
                 self.service.observer.turn_finished(self)
 
     def finish(self) -> None:
-        """Keep the exchange (a stopped answer keeps what the user saw)."""
+        """Keep the exchange (a stopped answer keeps what the user saw) with the answer's figures."""
         if self.conversation is None or self.handle.error is not None:
             return
-        with self.conversation.lock:
-            self.conversation.turns.append(self.user_turn)
-            self.conversation.turns.append(Turn("assistant", self.text, sources=self.sources))
-            self.service.store.save(self.conversation)
+        self.assistant_turn = Turn("assistant", self.text, sources=self.sources)
+        self.service.store.append(self.conversation, [self.user_turn, self.assistant_turn],
+                                  self.handle.usage.as_dict())
 
     def cancel(self) -> None:
         self.handle.cancel()
@@ -110,7 +110,7 @@ class ChatService:
             context = f"{extra_context}\n\n{context}".strip()
         user_turn = Turn("user", self._user_content(personality, question, context), display=prompt,
                          sources=sources)
-        conversation = self.store.open(conversation_id, personality.name) if remember else None
+        conversation = self.store.open(conversation_id, personality.name, user or "anonymous") if remember else None
         system = system_prompt if system_prompt is not None else personality.system_prompt
         messages, trimmed = self._fit(personality, spec, conversation, system, user_turn, params)
         handle = self.engine.submit(GenerationRequest(

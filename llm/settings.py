@@ -168,7 +168,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_UNSAFE_FETCH_ALLOW_LOOPBACK_FOR_TESTS", "unsafe_fetch_allow_loopback", False, _bool,
             "Tests only: lets the fetcher reach 127.0.0.0/8 and ::1. Never set this in production."),
     Setting("LLM_API_KEYS", "api_keys", (), _csv,
-            "Optional API keys (comma-separated, `key` or `user:key`). When set, requests need one."),
+            "Optional API keys (comma-separated, `key` or `user:key`). When set, every endpoint but /health needs "
+            "one (`Authorization: Bearer`, `X-API-Key` or `?api_key=`); the key names the user."),
+    Setting("LLM_TRUSTED_PROXIES", "trusted_proxies", (), _csv,
+            "Addresses of reverse proxies whose `X-Forwarded-User` header names the user."),
+    Setting("DATABASE_URL", "database_url", None, _text,
+            "Conversation store: `sqlite:///path` or `postgresql://user:pass@host/db` (shared by replicas). "
+            "Default: SQLite in LLM_DATA_DIR."),
+    Setting("LLM_DATA_DIR", "data_dir", os.path.join("~", ".local", "share", "llm-service"), _text,
+            "Directory for the default SQLite conversation database."),
+    Setting("LLM_RETENTION_DAYS", "retention_days", 0.0, _float(0.0),
+            "Delete conversations not updated for this many days (0: keep forever)."),
     Setting("LLM_LOG_TRANSCRIPTS", "log_transcripts", False, _bool,
             "Log prompts and answers (they may hold personal information)."),
 )

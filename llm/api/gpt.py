@@ -6,6 +6,7 @@ import json
 
 from flask import Blueprint, Response, current_app, request
 
+from llm.auth import current_user
 from llm.errors import BadRequest
 
 blueprint = Blueprint("gpt", __name__)
@@ -44,7 +45,7 @@ def gpt(personality: str):
         raise BadRequest("'session' must be a string.", param="session")
     llm = current_app.extensions["llm"]
     turn = llm.chat.start(personality, values.get("prompt"), conversation_id=session, remember=session is not None,
-                          channel="gpt")
+                          channel="gpt", user=current_user())
     try:
         text = "".join(turn.pieces())
     finally:
@@ -53,6 +54,7 @@ def gpt(personality: str):
     headers = {**sources_headers(turn), "X-Finish-Reason": turn.handle.finish_reason or ""}
     if turn.conversation is not None:
         headers["X-Conversation"] = turn.conversation.id
+        headers["X-Message-Id"] = str(turn.assistant_turn.message_id)
     if turn.trimmed:
         headers["X-Trimmed-Turns"] = str(turn.trimmed)
     return Response(text, mimetype="text/plain", headers=headers)

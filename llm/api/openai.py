@@ -1,8 +1,8 @@
 """An OpenAI-compatible API (``/v1``) with personalities as models, so existing clients work unchanged.
 
 Chat and text completions, streaming as server-sent events in OpenAI's chunk format, structured output with
-the same guarantees as ``/toil``, and errors in OpenAI's shape (rendered by ``llm.api.errors``). When
-``LLM_API_KEYS`` is set, every ``/v1`` request needs ``Authorization: Bearer <key>``.
+the same guarantees as ``/toil``, and errors in OpenAI's shape (rendered by ``llm.api.errors``). API keys
+(``LLM_API_KEYS``) are checked for every endpoint by ``llm.auth``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from llm.chat import ActiveTurn
 from llm.engine import JsonConstraint
-from llm.errors import BadRequest, IncompleteOutput, PayloadTooLarge, ServiceError, Unauthorized
+from llm.auth import current_user
+from llm.errors import BadRequest, IncompleteOutput, PayloadTooLarge, ServiceError
 from llm.schema_support import check_schema, validate_output
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
@@ -25,18 +26,6 @@ blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 
 def services():
     return current_app.extensions["llm"]
-
-
-@blueprint.before_request
-def require_key() -> None:
-    keys = services().settings.api_keys
-    if not keys:
-        return
-    allowed = {key.split(":", 1)[-1] for key in keys}
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    if token not in allowed:
-        raise Unauthorized("A valid API key is required: send 'Authorization: Bearer <key>'.")
 
 
 def body() -> dict:
@@ -141,7 +130,7 @@ def chat_completions():
     constraint, schema = response_constraint(data)
     try:
         turn = services().chat.start_messages(name, data.get("messages"), constraint=constraint,
-                                              sampling=sampling_options(data))
+                                              sampling=sampling_options(data), user=current_user())
     except PayloadTooLarge as error:
         raise context_errors(error) from None
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -211,7 +200,7 @@ def completions():
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     try:
-        turn = services().chat.start_raw(name, prompt, sampling_options(data))
+        turn = services().chat.start_raw(name, prompt, sampling_options(data), user=current_user())
     except PayloadTooLarge as error:
         raise context_errors(error) from None
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())

@@ -45,8 +45,3 @@ def health():
         return jsonify({"status": "stuck", "model": spec.name, "engine": model_stats}), 503
     return jsonify({"status": "ok", "model": spec.name, "engine": model_stats})
 
-
-@blueprint.get("/conversations/<conversation_id>")
-def conversation(conversation_id: str):
-    """A conversation's turns as the user saw them, so a reloaded page can restore its history."""
-    return jsonify(services().store.get(conversation_id).public())

@@ -18,6 +18,7 @@ from typing import Any
 from flask import current_app, request
 from simple_websocket import ConnectionClosed
 
+from llm.auth import current_user
 from llm.errors import BadRequest, ServiceError
 
 END, STOP = "<END>", "|STOP|"
@@ -52,6 +53,7 @@ class SocketSession:
         self.ws, self.personality = ws, personality
         self.frames = Frames(ws, json_mode)
         self.llm = current_app.extensions["llm"]
+        self.user = current_user()
         self.conversation_id: str | None = None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.current = None
@@ -119,19 +121,19 @@ class SocketSession:
             return message
         if self.conversation_id is not None and self.conversation_id != match["id"].strip():
             raise BadRequest("This socket already continues another conversation; open a new socket.")
-        self.conversation_id = self.llm.store.open(match["id"], self.personality).id
+        self.conversation_id = self.llm.store.open(match["id"], self.personality, self.user).id
         return message[match.end():]
 
     def _ensure_conversation(self) -> str:
         if self.conversation_id is None:
-            self.conversation_id = self.llm.store.open(None, self.personality).id
+            self.conversation_id = self.llm.store.open(None, self.personality, self.user).id
         return self.conversation_id
 
     def _generate(self, prompt: str) -> None:
         frames = self.frames
         status = (lambda text: frames.send("status", message=text)) if frames.json_mode else None
         turn = self.llm.chat.start(self.personality, prompt, conversation_id=self._ensure_conversation(),
-                                   on_status=status, channel="socket")
+                                   on_status=status, channel="socket", user=self.user)
         with self._lock:
             self.current = turn
         try:
@@ -148,8 +150,9 @@ class SocketSession:
                 self.current = None
             turn.cancel()
         turn.finish()
+        message_id = turn.assistant_turn.message_id if turn.assistant_turn else None
         frames.send("end", conversation=self.conversation_id, usage=turn.handle.usage.as_dict(),
-                    finish_reason=turn.handle.finish_reason, trimmed_turns=turn.trimmed)
+                    finish_reason=turn.handle.finish_reason, trimmed_turns=turn.trimmed, message_id=message_id)
 
 
 def register(sock) -> None:

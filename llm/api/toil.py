@@ -15,6 +15,7 @@ from flask import Blueprint, Response, current_app, request
 
 from llm.api.gpt import sources_headers
 from llm.engine import JsonConstraint
+from llm.auth import current_user
 from llm.errors import BadRequest, IncompleteOutput
 from llm.schema_support import check_schema, validate_output
 
@@ -61,7 +62,7 @@ def toil(personality: str):
         prompt = f"{prompt}\n\n{instruction(schema)}"
     turn = llm.chat.start(personality, prompt, conversation_id=body.get("session"),
                           remember=body.get("session") is not None, constraint=JsonConstraint(schema),
-                          extra_context=text, channel="toil")
+                          extra_context=text, channel="toil", user=current_user())
     try:
         answer = "".join(turn.pieces())
     finally:

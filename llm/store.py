@@ -1,0 +1,297 @@
+"""The conversation store: SQLite by default, PostgreSQL when ``DATABASE_URL=postgresql://...``.
+
+Conversations outlive restarts and can be shared by several replicas (with PostgreSQL). Every turn re-reads
+the conversation from the database, so a turn that lands on another replica continues correctly (it only
+loses the engine cache). The schema is created and migrated by the service itself; each user sees only
+their own conversations, and another user's conversation is reported as unknown rather than forbidden, so
+ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from llm.conversations import Conversation, Turn, check_id
+from llm.errors import BadRequest, ConfigError, NotFound
+
+# Each entry migrates the schema from version i to i + 1. Never edit a released entry: append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE conversations (
+            id TEXT PRIMARY KEY, personality TEXT NOT NULL, user_id TEXT NOT NULL, title TEXT NOT NULL DEFAULT '',
+            created DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL,
+            first_kept INTEGER NOT NULL DEFAULT 0, summary TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX conversations_user ON conversations (user_id, updated)",
+        """CREATE TABLE messages (
+            id {serial} PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            position INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL, display TEXT,
+            prompt_tokens INTEGER, completion_tokens INTEGER, time_to_first_token DOUBLE PRECISION,
+            tokens_per_second DOUBLE PRECISION, sources TEXT NOT NULL DEFAULT '[]',
+            trimmed BOOLEAN NOT NULL DEFAULT FALSE, rating INTEGER, feedback_comment TEXT, feedback_at DOUBLE PRECISION,
+            created DOUBLE PRECISION NOT NULL, UNIQUE (conversation_id, position))""",
+    ),
+)
+
+TITLE_LENGTH = 60
+log = logging.getLogger(__name__)
+
+
+class _Database:
+    """A DB-API connection source with one SQL dialect: queries are written with ``?`` placeholders."""
+
+    def __init__(self, url: str):
+        self.url = url
+        if url.startswith(("postgresql://", "postgres://")):
+            self.kind, self.serial = "postgresql", "BIGSERIAL"
+            try:
+                from psycopg_pool import ConnectionPool
+            except ImportError:
+                raise ConfigError("DATABASE_URL is PostgreSQL but psycopg is not installed") from None
+            self._pool = ConnectionPool(url, min_size=1, max_size=8, open=True, kwargs={"autocommit": False})
+        elif url.startswith("sqlite:///"):
+            self.kind, self.serial = "sqlite", "INTEGER"
+            self.path = Path(url[len("sqlite:///"):]).expanduser()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            raise ConfigError(f"DATABASE_URL: unsupported URL {url!r} (use sqlite:///path or postgresql://...)")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A cursor inside one transaction, committed on success."""
+        if self.kind == "postgresql":
+            with self._pool.connection() as conn, conn.cursor() as cursor:
+                yield _Cursor(cursor, "%s")
+            return
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("BEGIN IMMEDIATE")
+            yield _Cursor(conn.cursor(), "?")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        if self.kind == "postgresql":
+            self._pool.close()
+
+
+class _Cursor:
+    """Translates ``?`` placeholders to the driver's."""
+
+    def __init__(self, cursor, placeholder: str):
+        self.cursor, self.placeholder = cursor, placeholder
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Cursor:
+        self.cursor.execute(sql.replace("?", self.placeholder), tuple(params))
+        return self
+
+    def one(self) -> tuple | None:
+        return self.cursor.fetchone()
+
+    def all(self) -> list[tuple]:
+        return self.cursor.fetchall()
+
+
+class SqlConversationStore:
+    """Conversations and messages in SQLite or PostgreSQL."""
+
+    def __init__(self, url: str):
+        self.db = _Database(url)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self.db.transaction() as cur:
+            if self.db.kind == "postgresql":  # replicas starting together migrate one at a time
+                cur.execute("SELECT pg_advisory_xact_lock(724815)")
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = cur.execute("SELECT version FROM schema_version").one()
+            version = row[0] if row else 0
+            if row is None:
+                cur.execute("INSERT INTO schema_version (version) VALUES (0)")
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    cur.execute(statement.format(serial=self.db.serial))
+            cur.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ----- conversations ---------------------------------------------------------------------------------
+
+    def open(self, conversation_id: str | None, personality: str, user: str = "anonymous") -> Conversation:
+        """The conversation with this id, read fresh (created if new; a random id when None)."""
+        conversation_id = check_id(conversation_id) if conversation_id is not None else uuid.uuid4().hex
+        now = time.time()
+        with self.db.transaction() as cur:
+            row = cur.execute("SELECT personality, user_id FROM conversations WHERE id = ?", (conversation_id,)).one()
+            if row is None:
+                cur.execute("INSERT INTO conversations (id, personality, user_id, created, updated) VALUES "
+                            "(?, ?, ?, ?, ?)", (conversation_id, personality, user, now, now))
+            elif row[1] != user:
+                raise BadRequest(f"Conversation id '{conversation_id}' is taken; choose another.")
+            elif row[0] != personality:
+                raise BadRequest(f"Conversation '{conversation_id}' belongs to personality '{row[0]}', "
+                                 f"not '{personality}'.")
+            return self._load(cur, conversation_id)
+
+    def get(self, conversation_id: str, user: str = "anonymous") -> Conversation:
+        with self.db.transaction() as cur:
+            self._owned(cur, conversation_id, user)
+            return self._load(cur, conversation_id)
+
+    def _owned(self, cur, conversation_id: str, user: str) -> None:
+        row = cur.execute("SELECT user_id FROM conversations WHERE id = ?", (conversation_id,)).one()
+        if row is None or row[0] != user:
+            raise NotFound(f"Unknown conversation '{conversation_id}'.")
+
+    def _load(self, cur, conversation_id: str) -> Conversation:
+        row = cur.execute("SELECT personality, user_id, title, created, updated, first_kept, summary "
+                          "FROM conversations WHERE id = ?", (conversation_id,)).one()
+        turns = [
+            Turn(role, content, display, json.loads(sources), message_id=ident, rating=rating)
+            for ident, role, content, display, sources, rating in cur.execute(
+                "SELECT id, role, content, display, sources, rating FROM messages WHERE conversation_id = ? "
+                "ORDER BY position", (conversation_id,)).all()
+        ]
+        return Conversation(conversation_id, row[0], turns=turns, first_kept=row[5], summary=row[6],
+                            created=row[3], updated=row[4], user=row[1], title=row[2])
+
+    def append(self, conversation: Conversation, turns: Sequence[Turn], usage: dict[str, Any] | None = None) -> None:
+        """Add turns (with the assistant's usage figures) and the conversation's trimming state."""
+        usage = usage or {}
+        now = time.time()
+        with self.db.transaction() as cur:
+            if self.db.kind == "postgresql":
+                cur.execute("SELECT id FROM conversations WHERE id = ? FOR UPDATE", (conversation.id,))
+            row = cur.execute("SELECT COALESCE(MAX(position), -1) FROM messages WHERE conversation_id = ?",
+                              (conversation.id,)).one()
+            position = row[0] + 1
+            for turn in turns:
+                figures = usage if turn.role == "assistant" else {}
+                row = cur.execute(
+                    "INSERT INTO messages (conversation_id, position, role, content, display, prompt_tokens, "
+                    "completion_tokens, time_to_first_token, tokens_per_second, sources, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                    (conversation.id, position, turn.role, turn.content, turn.display,
+                     figures.get("prompt_tokens"), figures.get("completion_tokens"),
+                     figures.get("time_to_first_token"), figures.get("tokens_per_second"),
+                     json.dumps(turn.sources), now)).one()
+                turn.message_id = row[0]
+                position += 1
+            title = conversation.title or self._title(turns)
+            cur.execute("UPDATE conversations SET updated = ?, first_kept = ?, summary = ?, title = ? WHERE id = ?",
+                        (now, conversation.first_kept, conversation.summary, title, conversation.id))
+            cur.execute("UPDATE messages SET trimmed = TRUE WHERE conversation_id = ? AND position < ?",
+                        (conversation.id, conversation.first_kept))
+        conversation.updated, conversation.title = now, title
+
+    @staticmethod
+    def _title(turns: Sequence[Turn]) -> str:
+        first = next((turn for turn in turns if turn.role == "user"), None)
+        text = " ".join(((first.display or first.content) if first else "").split())
+        return text[:TITLE_LENGTH] + ("…" if len(text) > TITLE_LENGTH else "")
+
+    def list(self, user: str, limit: int = 20, offset: int = 0) -> list[dict[str, Any]]:
+        """The user's conversations, most recently updated first."""
+        with self.db.transaction() as cur:
+            rows = cur.execute(
+                "SELECT c.id, c.personality, c.title, c.created, c.updated, "
+                "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) "
+                "FROM conversations c WHERE c.user_id = ? ORDER BY c.updated DESC, c.id LIMIT ? OFFSET ?",
+                (user, limit, offset)).all()
+        return [{"id": r[0], "personality": r[1], "title": r[2], "created": r[3], "updated": r[4], "messages": r[5]}
+                for r in rows]
+
+    def rename(self, conversation_id: str, user: str, title: str) -> None:
+        with self.db.transaction() as cur:
+            self._owned(cur, conversation_id, user)
+            cur.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
+
+    def delete(self, conversation_id: str, user: str) -> None:
+        with self.db.transaction() as cur:
+            self._owned(cur, conversation_id, user)
+            cur.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            cur.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    def purge(self, older_than_days: float, now: float | None = None) -> list[str]:
+        """Delete conversations not updated for the given number of days; returns their ids."""
+        cutoff = (now or time.time()) - older_than_days * 86400
+        with self.db.transaction() as cur:
+            ids = [row[0] for row in cur.execute("SELECT id FROM conversations WHERE updated < ?", (cutoff,)).all()]
+            for conversation_id in ids:
+                cur.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+                cur.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        return ids
+
+    # ----- feedback --------------------------------------------------------------------------------------
+
+    def feedback(self, conversation_id: str, message_id: int, user: str, rating: int, comment: str = "") -> None:
+        """Thumbs up (+1) or down (-1) with an optional comment, stored with an assistant message."""
+        with self.db.transaction() as cur:
+            self._owned(cur, conversation_id, user)
+            row = cur.execute("SELECT role FROM messages WHERE id = ? AND conversation_id = ?",
+                              (message_id, conversation_id)).one()
+            if row is None or row[0] != "assistant":
+                raise NotFound(f"Unknown answer {message_id} in conversation '{conversation_id}'.")
+            cur.execute("UPDATE messages SET rating = ?, feedback_comment = ?, feedback_at = ? WHERE id = ?",
+                        (rating, comment, time.time(), message_id))
+
+    def export_feedback(self, user: str | None = None) -> list[dict[str, Any]]:
+        """Every rated answer with its question, for evaluating models from human judgement."""
+        sql = ("SELECT c.id, c.personality, c.user_id, a.id, q.content, q.display, a.content, a.rating, "
+               "a.feedback_comment, a.feedback_at FROM messages a JOIN conversations c ON c.id = a.conversation_id "
+               "LEFT JOIN messages q ON q.conversation_id = a.conversation_id AND q.position = a.position - 1 "
+               "WHERE a.rating IS NOT NULL")
+        params: tuple = ()
+        if user is not None:
+            sql, params = sql + " AND c.user_id = ?", (user,)
+        with self.db.transaction() as cur:
+            rows = cur.execute(sql + " ORDER BY a.feedback_at", params).all()
+        return [{"conversation": r[0], "personality": r[1], "user": r[2], "message_id": r[3],
+                 "question": r[5] if r[5] is not None else r[4], "answer": r[6], "rating": r[7], "comment": r[8],
+                 "at": r[9]} for r in rows]
+
+
+class RetentionSweeper:
+    """Deletes old conversations once an hour and frees their cached state in the engine."""
+
+    def __init__(self, store: SqlConversationStore, engine, days: float, interval: float = 3600.0):
+        self.store, self.engine, self.days, self.interval = store, engine, days, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
+
+    def start(self) -> RetentionSweeper:
+        self._thread.start()
+        return self
+
+    def sweep(self) -> list[str]:
+        ids = self.store.purge(self.days)
+        for conversation_id in ids:
+            self.engine.forget(conversation_id)
+        return ids
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.sweep()
+            except Exception:  # a database hiccup must not end retention for good
+                log.exception("retention sweep failed")
+            if self._stop.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,198 @@
+"""The conversation store on SQLite and on a real PostgreSQL server, and the history API over it."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from llm.conversations import Turn
+from llm.errors import BadRequest, NotFound
+from llm.store import SqlConversationStore
+from tests.conftest import LiveServer
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(database_url):
+    store = SqlConversationStore(database_url)
+    yield store
+    store.close()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def test_turns_survive_a_new_store_instance(database_url):
+    cid = unique("c")
+    first = SqlConversationStore(database_url)
+    conversation = first.open(cid, "greedy", "alice")
+    conversation.first_kept = 0
+    first.append(conversation, [Turn("user", "Q (with context)", display="Q"), Turn("assistant", "A")],
+                 {"prompt_tokens": 10, "completion_tokens": 3, "time_to_first_token": 0.1, "tokens_per_second": 20.0})
+    first.close()
+    second = SqlConversationStore(database_url)  # a restart, or another replica
+    again = second.open(cid, "greedy", "alice")
+    assert [(t.role, t.content) for t in again.turns] == [("user", "Q (with context)"), ("assistant", "A")]
+    assert again.public()["turns"][0]["content"] == "Q" and again.title == "Q"
+    assert again.turns[1].message_id is not None
+    second.close()
+
+
+def test_users_only_see_their_own(store):
+    cid = unique("private")
+    store.open(cid, "greedy", "alice")
+    with pytest.raises(NotFound):
+        store.get(cid, "bob")
+    with pytest.raises(BadRequest):
+        store.open(cid, "greedy", "bob")
+    assert cid in [c["id"] for c in store.list("alice")]
+    assert cid not in [c["id"] for c in store.list("bob")]
+    with pytest.raises(NotFound):
+        store.delete(cid, "bob")
+
+
+def test_trimmed_flag_rename_delete_feedback(store):
+    cid = unique("t")
+    conversation = store.open(cid, "greedy", "u")
+    store.append(conversation, [Turn("user", "one"), Turn("assistant", "1")])
+    conversation.first_kept = 2
+    answer = Turn("assistant", "2")
+    store.append(conversation, [Turn("user", "two"), answer])
+    assert store.get(cid, "u").first_kept == 2
+    store.rename(cid, "u", "Numbers")
+    assert store.get(cid, "u").title == "Numbers"
+    store.feedback(cid, answer.message_id, "u", -1, "wrong number")
+    exported = [row for row in store.export_feedback("u") if row["conversation"] == cid]
+    assert exported == [{"conversation": cid, "personality": "greedy", "user": "u", "message_id": answer.message_id,
+                         "question": "two", "answer": "2", "rating": -1, "comment": "wrong number",
+                         "at": exported[0]["at"]}]
+    with pytest.raises(NotFound):
+        store.feedback(cid, answer.message_id - 1, "u", 1)  # a user message cannot be rated
+    store.delete(cid, "u")
+    with pytest.raises(NotFound):
+        store.get(cid, "u")
+
+
+def test_retention_purges_old_conversations(store):
+    old, new = unique("old"), unique("new")
+    store.open(old, "greedy", "u")
+    store.open(new, "greedy", "u")
+    import time
+
+    purged = store.purge(1, now=time.time() + 2 * 86400)
+    assert old in purged and new in purged
+    assert store.purge(1) == []
+
+
+def test_history_api_and_restart(make_app, fake_engine):
+    app = make_app()
+    client = app.test_client()
+    client.get("/gpt/greedy?prompt=Hello&session=hist-1")
+    listing = client.get("/conversations").get_json()
+    assert listing["conversations"][0]["id"] == "hist-1"
+    assert listing["conversations"][0]["title"] == "Hello"
+    restarted = make_app().test_client()  # same database file: a restart
+    turns = restarted.get("/conversations/hist-1").get_json()["turns"]
+    assert [t["role"] for t in turns] == ["user", "assistant"]
+    message_id = turns[1]["id"]
+    feedback = restarted.post(f"/conversations/hist-1/messages/{message_id}/feedback",
+                              json={"rating": "up", "comment": "nice"})
+    assert feedback.status_code == 200
+    assert restarted.get("/conversations/hist-1").get_json()["turns"][1]["rating"] == 1
+    assert '"rating": 1' in restarted.get("/feedback/export").get_data(as_text=True)
+    markdown = restarted.get("/conversations/hist-1/export?format=md").get_data(as_text=True)
+    assert markdown.startswith("# Hello") and "## Assistant" in markdown
+    assert restarted.patch("/conversations/hist-1", json={"title": "Greeting"}).status_code == 200
+    assert restarted.delete("/conversations/hist-1").status_code == 200
+    assert "hist-1" in fake_engine.forgotten
+    assert restarted.get("/conversations/hist-1").status_code == 404
+
+
+@pytest.mark.parametrize("method, url, kwargs, status", [
+    ("get", "/conversations?limit=0", {}, 400),
+    ("get", "/conversations?offset=-1", {}, 400),
+    ("patch", "/conversations/nope", {"json": {"title": "x"}}, 404),
+    ("patch", "/conversations/nope", {"json": {"title": ""}}, 400),
+    ("delete", "/conversations/nope", {}, 404),
+    ("get", "/conversations/nope/export?format=pdf", {}, 404),
+    ("post", "/conversations/nope/messages/1/feedback", {"json": {"rating": "meh"}}, 400),
+    ("post", "/conversations/nope/messages/1/feedback", {"json": {"rating": "up"}}, 404),
+])
+def test_history_errors(client, method, url, kwargs, status):
+    response = getattr(client, method)(url, **kwargs)
+    assert response.status_code == status
+    assert response.get_json()["error"]["status"] == status
+
+
+def test_api_keys_separate_users_and_guard_every_endpoint(make_app):
+    app = make_app(LLM_API_KEYS="alice:key-a,bob:key-b")
+    client = app.test_client()
+    for url in ("/", "/personalities", "/gpt/greedy?prompt=x", "/conversations", "/v1/models"):
+        response = client.get(url)
+        assert response.status_code == 401, url
+        assert "API key" in response.get_json()["error"]["message"]
+    assert client.get("/health").status_code in (200, 503)  # open for load balancers
+    alice = {"X-API-Key": "key-a"}
+    client.get("/gpt/greedy?prompt=Secret&session=alice-1", headers=alice)
+    assert client.get("/conversations/alice-1", headers=alice).status_code == 200
+    assert client.get("/conversations/alice-1", headers={"Authorization": "Bearer key-b"}).status_code == 404
+    assert client.get("/conversations?api_key=key-b").get_json()["conversations"] == []
+
+
+def test_websocket_needs_key_when_configured(make_app):
+    import websocket
+
+    server = LiveServer(make_app(LLM_API_KEYS="alice:key-a"))
+    try:
+        with pytest.raises(websocket.WebSocketBadStatusException) as info:
+            websocket.create_connection(f"{server.ws_url}/gpt-socket/greedy", timeout=5)
+        assert info.value.status_code == 401
+        ws = websocket.create_connection(f"{server.ws_url}/gpt-socket/greedy?api_key=key-a", timeout=5)
+        ws.send("Hi")
+        frames = []
+        while not frames or frames[-1] != "<END>":
+            frames.append(ws.recv())
+        ws.close()
+        assert "".join(frames[:-1]) == "Hello from the fake engine."
+    finally:
+        server.close()
+
+
+def test_trusted_proxy_header(make_app):
+    trusting = make_app(LLM_TRUSTED_PROXIES="127.0.0.1").test_client()
+    trusting.get("/gpt/greedy?prompt=x&session=proxy-1", headers={"X-Forwarded-User": "carol"})
+    assert trusting.get("/conversations/proxy-1", headers={"X-Forwarded-User": "carol"}).status_code == 200
+    assert trusting.get("/conversations/proxy-1").status_code == 404
+
+
+def test_untrusted_proxy_header_is_ignored(make_app):
+    client = make_app().test_client()
+    client.get("/gpt/greedy?prompt=x&session=proxy-2", headers={"X-Forwarded-User": "mallory"})
+    assert client.get("/conversations/proxy-2").status_code == 200  # still the anonymous user's
+
+
+def test_two_instances_share_a_postgres_conversation(postgres_url, model_file, tmp_path):
+    from app import create_app
+    from llm.fake import FakeEngine
+    from tests.conftest import TEST_PERSONALITIES
+
+    config = {"TESTING": True, "LLM_MODEL_FILE": model_file, "LLM_PERSONALITIES_DIR": str(TEST_PERSONALITIES),
+              "DATABASE_URL": postgres_url}
+    first_engine, second_engine = FakeEngine(), FakeEngine()
+    first = create_app(config, engine=first_engine).test_client()
+    second = create_app(config, engine=second_engine).test_client()
+    cid = unique("shared")
+    first_engine.script(["Paris."])
+    first.get(f"/gpt/greedy?prompt=Capital of France?&session={cid}")
+    second.get(f"/gpt/greedy?prompt=And of Italy?&session={cid}")
+    contents = [m["content"] for m in second_engine.requests[-1].messages[1:]]
+    assert contents == ["Capital of France?", "Paris.", "And of Italy?"]
+    assert len(first.get(f"/conversations/{cid}").get_json()["turns"]) == 4
