@@ -93,9 +93,7 @@ class ModelPool:
                 raise Overloaded("Every loaded model is busy; please retry shortly.")
             path = idle[0]  # OrderedDict order is least recently used first
             log.info("unloading %s to make room", path)
-            worker = self._workers.pop(path)
-            worker.scheduler.close()
-            worker.model.close()
+            self._close(self._workers.pop(path))
 
     def _compiler(self, worker: Worker):
         if worker.compiler is None:
@@ -168,6 +166,13 @@ class ModelPool:
     def close(self) -> None:
         with self._lock:
             for worker in self._workers.values():
-                worker.scheduler.close()
-                worker.model.close()
+                self._close(worker)
             self._workers.clear()
+
+    @staticmethod
+    def _close(worker: Worker) -> None:
+        """Stop the scheduler, then the compiler (its tokenizer borrows the model's vocab), then the model."""
+        worker.scheduler.close()
+        if worker.compiler is not None:
+            worker.compiler.close()
+        worker.model.close()

@@ -442,7 +442,11 @@ class Scheduler:
         job, model = slot.job, self.model
         if job.constraint is not None:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(model.n_vocab,))
-            job.constraint.mask_logits(logits)
+            try:
+                job.constraint.mask_logits(logits)
+            except ServiceError as exc:  # e.g. the grammar engine hit a resource limit
+                self._finish(slot, "error", exc)
+                return
         token = llama_cpp.llama_sampler_sample(job.sampler, self.ctx, index)
         if job.first_token_at is None:
             job.first_token_at = time.monotonic()
