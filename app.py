@@ -22,8 +22,9 @@ from llm.engine import Engine
 from llm.errors import ConfigError
 from llm.models import ModelSpec, resolve
 from llm.personalities import ModelChoice, Personality, PersonalityRegistry
-from llm.settings import Settings, load_settings, settings_help_text
+from llm.settings import SETTINGS, Settings, load_settings, settings_help_text
 from llm.store import RetentionSweeper, SqlConversationStore
+from rag.preprocess import Preprocessor
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("llm")
@@ -59,19 +60,12 @@ class Services:
 
 
 def _split_config(config: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Settings (LLM_*, HOST, PORT) versus Flask's own keys (TESTING, ...)."""
+    """Settings (the table's variables) versus Flask's own keys (TESTING, ...)."""
     config = dict(config or {})
-    settings = {key: value for key, value in config.items() if key.startswith("LLM_") or key in ("HOST", "PORT")}
+    names = {setting.env for setting in SETTINGS}
+    settings = {key: value for key, value in config.items() if key in names}
     flask = {key: value for key, value in config.items() if key not in settings}
     return settings, flask
-
-
-def _make_preprocessor(settings: Settings):
-    try:
-        from rag.preprocess import Preprocessor
-    except ImportError:  # the RAG package is optional at import time only while it is being built
-        return None
-    return Preprocessor(settings)
 
 
 def create_app(config: dict[str, Any] | None = None, engine: Engine | None = None) -> Flask:
@@ -94,7 +88,7 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
                                  f"sqlite:///{Path(settings.data_dir).expanduser() / 'conversations.db'}")
     if settings.retention_days > 0:
         RetentionSweeper(store, engine, settings.retention_days).start()
-    preprocessor = _make_preprocessor(settings)
+    preprocessor = Preprocessor(settings)
     chat = ChatService(engine, personalities, store, specs, preprocessor)
     app.extensions["llm"] = Services(settings, engine, personalities, specs, chat, store, preprocessor)
 

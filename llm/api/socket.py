@@ -139,10 +139,8 @@ class SocketSession:
         try:
             if self.closed.is_set():
                 turn.cancel()
-            for source in turn.sources:
+            for source in turn.sources:  # notices already went out as status frames while preparing
                 frames.send("source", **source)
-            for notice in turn.notices:
-                frames.send("status", message=notice)
             for piece in turn.pieces():
                 frames.send("token", piece)
         finally:

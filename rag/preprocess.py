@@ -1,0 +1,227 @@
+"""Turn a user's prompt into a question plus context: a leading URL, |CONTEXT| blocks, feeds, knowledge.
+
+The app calls ``Preprocessor.prepare`` once per user message and gets a ``Prepared``: the question with
+the URL and markers removed, the context text (already within the token budget), the sources used, and
+notices for the user (a refused or failed fetch, context that was shortened). Only a malformed |CONTEXT|
+marker raises (``llm.errors.BadRequest``); fetch problems never do, the question is answered without them.
+
+Context priority when the budget is tight: the user's |CONTEXT| text, then the page at the leading URL,
+then triggered feeds (in the personality's order), then knowledge passages (best first).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm.errors import BadRequest
+from rag.budget import CountTokens, Section, assemble, sentences
+from rag.extract import Document, ExtractError, extract
+from rag.fetch import FetchError, SafeFetcher
+from rag.knowledge import KnowledgeBase, KnowledgeError
+from rag.text import mentions
+
+LOG = logging.getLogger(__name__)
+OPEN_MARKER = "|CONTEXT|"
+CLOSE_MARKER = "|/CONTEXT|"
+DEFAULT_QUESTION = "Summarise this page."
+# Any scheme://... at the very start counts as a URL, so "file:///etc/passwd ..." gets a clear refusal.
+_LEADING_URL = re.compile(r"\A\s*(?P<url>[A-Za-z][A-Za-z0-9+.\-]*://\S+|file:\S+)")
+_TRAILING_PUNCTUATION = ".,;:!?'\"”’»"
+_BRACKETS = {")": "(", "]": "[", ">": "<", "}": "{"}
+
+
+@dataclass
+class Source:
+    """Where context came from: a page or feed (with its URL) or a knowledge file (url None, title = name)."""
+
+    title: str
+    url: str | None
+
+
+@dataclass
+class Prepared:
+    """The outcome of preprocessing one prompt.
+
+    ``question``: the prompt without the URL and |CONTEXT| blocks ("Summarise this page." when only a URL
+    was given). ``context``: text for the prompt's context slot, "" if none, already within the budget.
+    ``sources``: what the context was drawn from. ``notices``: sentences for the user (fetch refused or
+    failed, context shortened); each was also sent to ``on_status``.
+    """
+
+    question: str
+    context: str = ""
+    sources: list[Source] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+
+def split_custom_context(prompt: str) -> tuple[str, list[str]]:
+    """Remove |CONTEXT|...|/CONTEXT| blocks; returns the rest and the blocks; BadRequest if malformed."""
+    rest: list[str] = []
+    blocks: list[str] = []
+    position = 0
+    while (start := prompt.find(OPEN_MARKER, position)) != -1:
+        end = prompt.find(CLOSE_MARKER, start + len(OPEN_MARKER))
+        if end == -1:
+            raise BadRequest(f"The prompt opens {OPEN_MARKER} but never closes it with {CLOSE_MARKER}.",
+                             param="prompt")
+        rest.append(prompt[position:start])
+        blocks.append(prompt[start + len(OPEN_MARKER):end].strip())
+        position = end + len(CLOSE_MARKER)
+    rest.append(prompt[position:])
+    remainder = " ".join(part.strip() for part in rest if part.strip())
+    if CLOSE_MARKER in remainder:
+        raise BadRequest(f"The prompt has {CLOSE_MARKER} without a {OPEN_MARKER} before it.", param="prompt")
+    return remainder, [block for block in blocks if block]
+
+
+def split_leading_url(text: str) -> tuple[str | None, str]:
+    """The URL the text starts with (trailing punctuation left out) and the rest of the text after it."""
+    match = _LEADING_URL.match(text)
+    if not match:
+        return None, text.strip()
+    url = match.group("url")
+    while url and (url[-1] in _TRAILING_PUNCTUATION
+                   or (url[-1] in _BRACKETS and url.count(_BRACKETS[url[-1]]) < url.count(url[-1]))):
+        url = url[:-1]
+    return url, text[match.end("url"):].strip()  # punctuation cut from the URL's end goes too
+
+
+class Preprocessor:
+    """Prepares prompts for one app; holds the fetcher (and its page cache) and the knowledge indexes.
+
+    ``fetcher`` defaults to a ``SafeFetcher`` built from ``settings`` whose cache runs on ``clock``.
+    """
+
+    def __init__(self, settings: Any, fetcher: SafeFetcher | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.fetcher = fetcher or SafeFetcher(settings, clock=clock)
+        self.knowledge = KnowledgeBase()
+
+    def prepare(self, prompt: str, *, count_tokens: CountTokens, feeds: Iterable[dict] = (),
+                knowledge: Sequence[pathlib.Path] = (), on_status: Callable[[str], None] | None = None,
+                budget_tokens: int | None = None) -> Prepared:
+        """Question, context, sources and notices for ``prompt``; raises BadRequest only for bad markers.
+
+        ``feeds`` are the personality's feed entries (url, title, keywords, match); ``knowledge`` its
+        files; ``on_status`` receives progress ("Fetching https://...") and notices as they happen;
+        ``budget_tokens`` defaults to the ``rag_length`` setting.
+        """
+        run = _Run(on_status)
+        text, custom = split_custom_context(prompt)
+        url, asked = split_leading_url(text)
+        question = DEFAULT_QUESTION if url is not None and not asked else asked
+        feeds = list(feeds)
+        budget = self.settings.rag_length if budget_tokens is None else budget_tokens
+        if budget <= 0:  # RAG is off (LLM_RAG_LENGTH=0) or the prompt left no room: say so if it was asked for
+            if custom or url:
+                run.notice(f"No context was added: the context budget is {budget} tokens (LLM_RAG_LENGTH).")
+            return Prepared(question=question, notices=run.notices)
+        sections = [Section("Context given by the user:", sentences(block), label="Your |CONTEXT| text")
+                    for block in custom]
+        if url is not None:
+            sections += self._page_sections(url, run)
+        sections += self._feed_sections(asked, feeds, run)
+        sections += self._knowledge_sections(asked, knowledge, run)
+        context, kept = assemble(sections, budget, count_tokens)
+        for section in sections:
+            if section.cut and section.label:
+                run.notice(f"{section.label} was shortened to fit the context budget ({budget} tokens).")
+        sources = _unique_sources(section.payload for section in kept)
+        return Prepared(question=question, context=context, sources=sources, notices=run.notices)
+
+    def _fetch_document(self, url: str, run: _Run) -> Document | None:
+        """Fetch and read one URL, turning any failure into a notice."""
+        run.status(f"Fetching {url}")
+        try:
+            return extract(self.fetcher.fetch(url))
+        except FetchError as exc:
+            run.notice(str(exc))
+        except ExtractError as exc:
+            run.notice(f"Could not read {url}: {exc}")
+        except Exception:  # a bug must not cost the user their answer; it is logged with its traceback
+            LOG.exception("unexpected error while fetching %s", url)
+            run.notice(f"Could not fetch {url}: an unexpected error occurred")
+        return None
+
+    def _page_sections(self, url: str, run: _Run) -> list[Section]:
+        """The page (or feed) at the prompt's leading URL."""
+        document = self._fetch_document(url, run)
+        if document is None:
+            return []
+        return [_document_section(document, "Web page" if document.kind != "feed" else "Feed", url, None)]
+
+    def _feed_sections(self, question: str, feeds: Iterable[dict], run: _Run) -> list[Section]:
+        """The personality's feeds whose keywords the question mentions."""
+        sections: list[Section] = []
+        for feed in feeds:
+            if not isinstance(feed, dict) or not isinstance(feed.get("url"), str):
+                continue
+            keywords = [word for word in feed.get("keywords") or () if isinstance(word, str)]
+            if not mentions(question, keywords, match=str(feed.get("match") or "any")):
+                continue
+            document = self._fetch_document(feed["url"], run)
+            if document is not None:
+                sections.append(_document_section(document, "Feed", feed["url"], feed.get("title")))
+        return sections
+
+    def _knowledge_sections(self, question: str, paths: Sequence[pathlib.Path], run: _Run) -> list[Section]:
+        """The best passages of the knowledge files, one section per passage (cut at passage boundaries)."""
+        readable: list[pathlib.Path] = []
+        for path in paths:
+            try:
+                self.knowledge.index(pathlib.Path(path))
+                readable.append(pathlib.Path(path))
+            except KnowledgeError as exc:
+                run.notice(f"Could not use {exc}.")
+        if not readable or not question.strip():
+            return []
+        # Passages are ranked: the budget simply stops admitting them, which is not worth a notice.
+        return [Section(f"From {passage.file}:", sentences(passage.as_text()),
+                        payload=Source(title=passage.file, url=None))
+                for passage in self.knowledge.search(question, readable)]
+
+
+class _Run:
+    """Notices and status messages of one ``prepare`` call."""
+
+    def __init__(self, on_status: Callable[[str], None] | None):
+        self.on_status = on_status
+        self.notices: list[str] = []
+
+    def status(self, message: str) -> None:
+        """Progress for the client as it happens (the callback's own errors propagate)."""
+        if self.on_status is not None:
+            self.on_status(message)
+
+    def notice(self, message: str) -> None:
+        """A problem worth telling the user: kept in the result and sent as a status."""
+        self.notices.append(message)
+        self.status(message)
+
+
+def _document_section(document: Document, kind: str, url: str, title: str | None) -> Section:
+    """A section for a fetched document: feeds cut at entries, pages at sentences."""
+    address = document.url or url
+    name = title or document.title or address
+    header = f"{kind} “{name}” ({address}):"
+    source = Source(title=name, url=address)
+    if document.entries:
+        return Section(header, [entry.as_text() for entry in document.entries], joiner="\n",
+                       label=f"The feed {address}", payload=source)
+    return Section(header, sentences(document.text), label=f"The page {address}", payload=source)
+
+
+def _unique_sources(payloads: Iterable[object]) -> list[Source]:
+    """Sources of the kept sections, each once, in order."""
+    sources: list[Source] = []
+    for payload in payloads:
+        if isinstance(payload, Source) and payload not in sources:
+            sources.append(payload)
+    return sources
