@@ -1,0 +1,159 @@
+"""The engine on the real embedded model: admission limits, eviction with suspend/restore, several models,
+and the summarising history policy (on the fake engine)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from llm.engine import GenerationRequest, SamplingParams
+from llm.errors import Overloaded
+from llm.models import ModelSpec, embedded_model_path
+from llm.pool import ModelPool
+from llm.scheduler import SuspendedStore, common_prefix
+from llm.settings import load_settings
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([], [1]) == 0
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+
+
+def test_suspended_store_is_bounded_lru():
+    store = SuspendedStore(max_bytes=10)
+    store.put("a", [1], b"xxxx")
+    store.put("b", [2], b"yyyy")
+    store.put("c", [3], b"zzzz")  # over budget: the oldest goes
+    assert store.peek_tokens("a") is None and store.peek_tokens("c") == [3]
+    assert store.pop("b") == ([2], b"yyyy") and len(store) == 1
+    store.put("huge", [4], b"x" * 11)
+    assert store.peek_tokens("huge") is None
+
+
+def make_pool(**overrides) -> ModelPool:
+    settings = {"LLM_CPU_THREADS": 2, "LLM_CONTEXT_WINDOW": 1024, "LLM_PARALLEL": 2}
+    return ModelPool(load_settings({}, {**settings, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def embedded() -> ModelSpec:
+    return ModelSpec(embedded_model_path(Path(load_settings({}).model_cache_dir).expanduser()), 1024)
+
+
+def ask(pool: ModelPool, spec: ModelSpec, text: str, conversation: str | None = None, tokens: int = 8):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": text}]
+    return pool.submit(GenerationRequest(spec, messages, SamplingParams(temperature=0, max_tokens=tokens),
+                                         conversation=conversation))
+
+
+@pytest.mark.integration
+def test_full_engine_answers_503_with_retry_after(embedded):
+    pool = make_pool(LLM_PARALLEL=1, LLM_QUEUE_SIZE=0)
+    try:
+        first = ask(pool, embedded, "Tell me a long story.", tokens=200)
+        with pytest.raises(Overloaded) as info:
+            ask(pool, embedded, "Me too")
+        assert info.value.status == 503 and info.value.headers["Retry-After"]
+        first.cancel()
+        first.text()
+    finally:
+        pool.close()
+
+
+@pytest.mark.integration
+def test_eviction_suspends_and_restores_a_conversation(embedded):
+    # A cache for little more than one conversation: the second evicts the first, which is restored later.
+    pool = make_pool(LLM_CACHE_TOKENS=1100, LLM_PARALLEL=1)
+    try:
+        long_text = "Here is a detailed note about gardens, rivers and mountains. " * 50
+        first = ask(pool, embedded, long_text, conversation="first")
+        first.text()
+        ask(pool, embedded, "Something else entirely: cities, roads and bridges. " * 50, conversation="second").text()
+        stats = next(iter(pool.stats()["models"].values()))
+        assert stats["evictions"] >= 1 and stats["suspends"] >= 1
+        again = ask(pool, embedded, long_text, conversation="first")
+        again.text()
+        stats = next(iter(pool.stats()["models"].values()))
+        assert stats["restores"] >= 1
+        assert again.usage.cached_tokens >= first.usage.prompt_tokens - 1
+    finally:
+        pool.close()
+
+
+@pytest.mark.integration
+def test_least_recently_used_model_is_unloaded(embedded, tmp_path):
+    other_path = tmp_path / "second-model.gguf"
+    try:
+        os.link(embedded.path, other_path)  # a distinct file (another model as far as the pool knows)
+    except OSError:
+        pytest.skip("hard links are not possible between the model cache and the test directory")
+    other = ModelSpec(str(other_path), 1024)
+    pool = make_pool(LLM_MAX_LOADED_MODELS=1)
+    try:
+        assert ask(pool, embedded, "Hello").text() is not None
+        assert ask(pool, other, "Hello").text() is not None
+        loaded = [info for info in (pool.describe(embedded), pool.describe(other)) if info["loaded"]]
+        assert [info["path"] for info in loaded] == [other.path]
+    finally:
+        pool.close()
+
+
+@pytest.mark.integration
+def test_cancel_during_long_generation_frees_slot(embedded):
+    pool = make_pool(LLM_PARALLEL=1)
+    try:
+        handle = ask(pool, embedded, "Write a very long essay.", tokens=500)
+        pieces = iter(handle)
+        next(pieces)
+        handle.cancel()
+        rest = list(pieces)
+        assert handle.finish_reason == "cancelled" and len(rest) < 20
+        deadline = time.monotonic() + 5
+        while pool.stats()["models"][embedded.name]["active_sequences"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.stats()["models"][embedded.name]["active_sequences"] == 0
+        # The freed slot serves the next request at once.
+        assert ask(pool, embedded, "Hi").text() is not None
+    finally:
+        pool.close()
+
+
+@pytest.mark.integration
+def test_streams_progress_together(embedded):
+    """Continuous batching: a second request gets its first token while the first is still generating."""
+    pool = make_pool(LLM_PARALLEL=2)
+    try:
+        first = ask(pool, embedded, "Write a very long essay about the sea.", tokens=300)
+        first_pieces = iter(first)
+        next(first_pieces)
+        second = ask(pool, embedded, "Say hello.", tokens=4)
+        second.text()
+        assert first.finish_reason is None  # still generating when the second finished
+        first.cancel()
+        list(first_pieces)
+    finally:
+        pool.close()
+
+
+def test_summarize_policy_folds_dropped_turns(make_app, fake_engine, tmp_path):
+    personalities = tmp_path / "p"
+    personalities.mkdir()
+    (personalities / "memo.toml").write_text(
+        'name = "memo"\ndescription = "d"\nintro = "i"\nsystem_prompt = "Be brief."\n'
+        'history = { policy = "summarize" }\n[sampling]\ntemperature = 0\ntop_p = 1\nrepeat_penalty = 1.0\n'
+        'max_tokens = 8\n', encoding="utf-8")
+    app = make_app(LLM_PERSONALITIES_DIR=str(personalities), LLM_CONTEXT_WINDOW=256)
+    client = app.test_client()
+    for turn in range(12):
+        fake_engine.script(["word " * 10])
+        client.get("/gpt/memo", query_string={"prompt": f"Turn {turn} " + "filler " * 10, "session": "memo-1"})
+        if any("Summary of the earlier conversation" in r.messages[0]["content"] for r in fake_engine.requests
+               if r.messages):
+            break
+    summaries = [r for r in fake_engine.requests if r.messages and r.messages[-1]["content"].startswith("Summarise")]
+    assert summaries, "the dropped turns were never summarised"
+    assert "Summary of the earlier conversation" in fake_engine.requests[-1].messages[0]["content"]
