@@ -73,7 +73,7 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     setting_values, flask_values = _split_config(config)
     settings = load_settings(os.environ, setting_values)
     app = Flask(__name__, static_folder=str(ROOT / "static"), static_url_path="/static")
-    app.config.update(MAX_CONTENT_LENGTH=4 * 1024 * 1024, JSON_SORT_KEYS=False)
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, MAX_FORM_MEMORY_SIZE=settings.max_body_bytes)
     app.config.update(flask_values)
 
     directory = Path(settings.personalities_dir)
@@ -89,15 +89,17 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     if settings.retention_days > 0:
         RetentionSweeper(store, engine, settings.retention_days).start()
     preprocessor = Preprocessor(settings)
-    chat = ChatService(engine, personalities, store, specs, preprocessor)
+    chat = ChatService(engine, personalities, store, specs, preprocessor,
+                       max_prompt_tokens=settings.max_prompt_tokens)
     app.extensions["llm"] = Services(settings, engine, personalities, specs, chat, store, preprocessor)
 
-    from llm import auth
+    from llm import auth, limits
     from llm.api import gpt, history, openai, pages, socket, toil
     from llm.api.errors import register_error_handlers
 
     register_error_handlers(app)
     auth.install(app)
+    limits.install(app, settings)
     app.register_blueprint(history.blueprint)
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(gpt.blueprint)

@@ -87,8 +87,10 @@ class ChatService:
     """Turns prompts into engine requests for personalities."""
 
     def __init__(self, engine: Engine, personalities, store, specs: Callable[[Personality], ModelSpec],
-                 preprocessor=None, clock: Callable[[], datetime.datetime] = datetime.datetime.now, observer=None):
+                 preprocessor=None, clock: Callable[[], datetime.datetime] = datetime.datetime.now, observer=None,
+                 max_prompt_tokens: int = 0):
         self.observer = observer  # has turn_finished(ActiveTurn): metrics and logs
+        self.max_prompt_tokens = max_prompt_tokens
         self.engine = engine
         self.personalities = personalities
         self.store = store
@@ -104,6 +106,7 @@ class ChatService:
         personality = self.personalities.get(personality_name)
         prompt = check_prompt(prompt)
         spec = self.spec_for(personality)
+        self._check_prompt_tokens(spec, prompt)
         params = SamplingParams.from_mapping({**personality.sampling, **(sampling or {})})
         question, context, sources, notices = self._prepare(personality, spec, prompt, on_status)
         if extra_context:
@@ -136,6 +139,7 @@ class ChatService:
         sources, notices = [], []
         if last_user is not None:
             check_prompt(messages[last_user]["content"])
+            self._check_prompt_tokens(spec, messages[last_user]["content"])
             question, context, sources, notices = self._prepare(personality, spec, messages[last_user]["content"],
                                                                 None)
             messages[last_user]["content"] = self._user_content(personality, question, context)
@@ -149,11 +153,19 @@ class ChatService:
         """Plain text completion with a personality's model and sampling defaults (no chat formatting)."""
         personality = self.personalities.get(personality_name)
         prompt = check_prompt(prompt)
+        self._check_prompt_tokens(self.spec_for(personality), prompt)
         params = SamplingParams.from_mapping({**personality.sampling, **(sampling or {})})
         handle = self.engine.submit(GenerationRequest(model=self.spec_for(personality), raw_prompt=prompt,
                                                       sampling=params))
         return ActiveTurn(self, None, Turn("user", prompt), handle, 0, personality=personality.name, channel=channel,
                           user=user)
+
+    def _check_prompt_tokens(self, spec: ModelSpec, prompt: str) -> None:
+        """LLM_MAX_PROMPT_TOKENS caps what one message may cost, whatever the context window allows."""
+        if self.max_prompt_tokens:
+            tokens = self.engine.count_text_tokens(spec, prompt)
+            if tokens > self.max_prompt_tokens:
+                raise PayloadTooLarge(f"The prompt has {tokens} tokens; the limit is {self.max_prompt_tokens}.")
 
     def _prepare(self, personality: Personality, spec: ModelSpec, prompt: str, on_status):
         if self.preprocessor is None:

@@ -29,16 +29,19 @@ def error_body(message: str, kind: str, status: int, param: str | None = None, c
     return {"error": {"message": message, "type": kind, "status": status}}
 
 
+def error_response(error: ServiceError):
+    """The JSON response for a ServiceError, with its status and headers (Retry-After...)."""
+    code = getattr(error, "code", None)
+    response = jsonify(error_body(error.message, error.type, error.status, error.param, code))
+    response.status_code = error.status
+    response.headers.update(error.headers)
+    return response
+
+
 def register_error_handlers(app: Flask) -> None:
     """Render ServiceError, HTTP errors and unexpected exceptions as JSON."""
 
-    @app.errorhandler(ServiceError)
-    def service_error(error: ServiceError):
-        code = getattr(error, "code", None)
-        response = jsonify(error_body(error.message, error.type, error.status, error.param, code))
-        response.status_code = error.status
-        response.headers.update(error.headers)
-        return response
+    app.register_error_handler(ServiceError, error_response)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
