@@ -170,3 +170,19 @@ def test_real_model_structured_output(live_real):
         stream = client.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "Hello"}],
                                                 stream=True, max_tokens=8)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def test_client_disconnect_stops_streaming_generation(live_fake, fake_engine):
+    import http.client
+
+    fake_engine.delay = 0.05
+    fake_engine.script([f" w{i}" for i in range(400)])
+    conn = http.client.HTTPConnection("127.0.0.1", live_fake.port, timeout=10)
+    body = json.dumps({"model": "greedy", "stream": True, "messages": [{"role": "user", "content": "long"}]})
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    response.read1(64)
+    response.close()  # the client goes away mid-answer
+    conn.close()
+    assert fake_engine.cancelled.wait(10)
