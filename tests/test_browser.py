@@ -1,18 +1,22 @@
 """The chat page in headless Chromium (Debian's /usr/bin/chromium, never a downloaded browser).
 
-Each test drives the real page against a live fake-engine server on 127.0.0.1; one browser serves the whole
-module and every test gets a fresh context (so a fresh localStorage). Screenshots go to tests/artifacts/.
+Each test drives the real page against a live fake-engine server on 127.0.0.1 (with its own SQLite database);
+one browser serves the whole module and every test gets a fresh context (so fresh local and session storage).
+Screenshots go to tests/artifacts/.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
+from llm.conversations import Turn
 from llm.errors import Overloaded
+from tests.conftest import LiveServer
 
 pytestmark = pytest.mark.browser
 
@@ -48,15 +52,32 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def context(browser, live_fake):
-    """A fresh browser context (own storage) pointed at the live server; page errors fail the test."""
-    context = browser.new_context(viewport=DESKTOP, base_url=live_fake.url)
+def browser_context(browser, server):
+    """A fresh browser context (own storage) pointed at a live server; page errors fail the test."""
+    context = browser.new_context(viewport=DESKTOP, base_url=server.url)
     context.page_errors = []
     context.on("weberror", lambda error: context.page_errors.append(str(error.error)))
     yield context
     context.close()
     assert context.page_errors == []
+
+
+@pytest.fixture
+def context(browser, live_fake):
+    yield from browser_context(browser, live_fake)
+
+
+@pytest.fixture
+def keyed_server(make_app):
+    """A live server that wants an API key: "secret", which names the user alice."""
+    server = LiveServer(make_app(LLM_API_KEYS="alice:secret"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def keyed_context(browser, keyed_server):
+    yield from browser_context(browser, keyed_server)
 
 
 @pytest.fixture
@@ -100,6 +121,36 @@ def finished_answer(page):
 
 def conversation_id(page, personality="greedy"):
     return page.evaluate(f"localStorage.getItem('llm.chat.conversation.{personality}')")
+
+
+def history_items(page):
+    """The conversations listed in the sidebar, newest first."""
+    return page.locator("#history-list > li")
+
+
+def listed(page, title):
+    return history_items(page).filter(has_text=title)
+
+
+def open_listed(page, title):
+    """Open a conversation from the sidebar and wait until its socket is bound."""
+    listed(page, title).locator(".conversation-open").click()
+    wait_connected(page)
+
+
+def new_conversation(page):
+    page.get_by_role("button", name="New conversation").click()
+    wait_connected(page)
+
+
+def seed(server, conversations):
+    """Store finished conversations directly: (id, personality, question, seconds ago)."""
+    store = server.app.extensions["llm"].store
+    for ident, personality, question, age in conversations:
+        conversation = store.open(ident, personality)
+        store.append(conversation, [Turn("user", question), Turn("assistant", f"An answer to: {question}")])
+        with store.db.transaction() as cursor:
+            cursor.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time() - age, ident))
 
 
 def shot(page, name):
@@ -152,7 +203,7 @@ def test_stop_keeps_partial_answer_and_page_stays_usable(page, fake_engine):
     text = answer.locator(".body").inner_text()
     assert "w0" in text and "w23" not in text
     expect(answer.locator(".meta")).to_contain_text("Stopped")
-    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
     expect(page.get_by_role("button", name="Stop")).to_be_hidden()
 
     fake_engine.cancelled.clear()
@@ -234,8 +285,9 @@ def test_busy_server_shows_a_readable_message(page, fake_engine):
     answer = finished_answer(page)
     expect(answer.get_by_role("alert")).to_have_text(
         "The server is busy right now. Please try again in a few seconds.")
+    expect(answer.get_by_role("button", name="Good answer")).to_have_count(0)  # nothing was stored to rate
     shot(page, "busy-desktop.png")
-    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
     page.get_by_role("button", name="Regenerate").click()
     expect(finished_answer(page).locator(".body")).to_have_text("Hello from the fake engine.")
 
@@ -312,6 +364,7 @@ def test_sources_status_and_trimmed_notice(context):
     expect(answer.locator(".status-notes")).to_contain_text("Fetching https://example.com/page")
     expect(answer.locator(".meta")).to_contain_text("2 tokens · 12.5 tokens/s")
     expect(answer.locator(".trimmed")).to_have_text("4 earlier messages were left out to fit the model's context.")
+    expect(answer.get_by_role("group", name="Rate this answer")).to_have_count(0)  # its end frame had no message_id
 
 
 def test_dropped_socket_reconnects_and_rebinds(context, fake_engine):
@@ -368,14 +421,223 @@ See https://docs.python.org/3/tutorial/datastructures.html#more-on-lists-and-a-v
 """
 
 
-def test_layout_desktop_and_phone(context, fake_engine):
+def test_sidebar_lists_conversations_and_opens_older_ones(page, fake_engine):
+    expect(page.locator("#history-status")).to_contain_text("No conversations yet")
+    ask(page, "First topic")
+    finished_answer(page)
+    first_id = conversation_id(page)
+    first = listed(page, "First topic")
+    expect(first.locator(".conversation-open")).to_have_attribute("aria-current", "true")
+    expect(first.locator(".conversation-meta")).to_have_text("greedy · just now")
+
+    new_conversation(page)
+    ask(page, "Second topic")
+    finished_answer(page)
+    expect(history_items(page)).to_have_count(2)
+    expect(history_items(page).first).to_contain_text("Second topic")  # a new conversation joins at the top
+    expect(first.locator(".conversation-open")).not_to_have_attribute("aria-current", "true")
+
+    page.get_by_label("Personality").select_option("other")
+    wait_connected(page)
+    ask(page, "Other topic")
+    finished_answer(page)
+    page.get_by_label("Personality").select_option("greedy")
+    expect(page.locator("article.message.user")).to_have_text("Second topic")
+
+    open_listed(page, "Other topic")  # switches the personality to the conversation's own
+    expect(page.get_by_label("Personality")).to_have_value("other")
+    expect(page.locator("article.intro")).to_have_text("Other intro.")
+    expect(page.locator("article.message.user")).to_have_text("Other topic")
+
+    open_listed(page, "First topic")
+    expect(page.get_by_label("Personality")).to_have_value("greedy")
+    expect(page.locator("article.message.user")).to_have_text("First topic")
+    expect(answers(page)).to_have_count(1)
+    expect(first.locator(".conversation-open")).to_have_attribute("aria-current", "true")
+    assert conversation_id(page) == first_id
+    ask(page, "Follow-up")
+    finished_answer(page)
+    request = fake_engine.requests[-1]
+    assert request.conversation == first_id
+    assert [m["content"] for m in request.messages[1:]] == ["First topic", "Hello from the fake engine.", "Follow-up"]
+    expect(history_items(page).first).to_contain_text("First topic")  # the latest answer moves it up
+
+
+def test_rename_and_delete_conversations(page, client):
+    ask(page, "Alpha question")
+    finished_answer(page)
+    alpha_id = conversation_id(page)
+    new_conversation(page)
+    ask(page, "Beta question")
+    finished_answer(page)
+    beta_id = conversation_id(page)
+    expect(history_items(page)).to_have_count(2)
+
+    actions = page.get_by_role("button", name="Actions for “Alpha question”")
+    expect(actions).to_have_attribute("aria-expanded", "false")
+    actions.click()
+    expect(actions).to_have_attribute("aria-expanded", "true")
+    expect(page.get_by_role("link", name="Export as Markdown")).to_have_attribute(
+        "href", f"/conversations/{alpha_id}/export?format=md")
+    expect(page.get_by_role("link", name="Export as JSON")).to_have_attribute(
+        "href", f"/conversations/{alpha_id}/export?format=json")
+    page.get_by_role("button", name="Rename").click()
+    title = page.get_by_label("Conversation title")
+    expect(title).to_be_focused()
+    expect(title).to_have_value("Alpha question")
+    title.press("Escape")  # cancels; focus goes back to the conversation
+    expect(title).to_have_count(0)
+    expect(listed(page, "Alpha question").locator(".conversation-open")).to_be_focused()
+
+    page.keyboard.press("Tab")  # to its actions button, then the same again by keyboard only
+    page.keyboard.press("Enter")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    expect(title).to_be_focused()
+    page.keyboard.type("Renamed alpha")  # replaces the selected title
+    page.keyboard.press("Enter")
+    expect(listed(page, "Renamed alpha")).to_have_count(1)
+    expect(page.get_by_role("button", name="Actions for “Renamed alpha”")).to_be_visible()
+    assert client.get(f"/conversations/{alpha_id}").get_json()["title"] == "Renamed alpha"
+
+    page.get_by_role("button", name="Actions for “Beta question”").click()
+    page.get_by_role("button", name="Delete…").click()
+    expect(page.get_by_role("group", name="Delete this conversation? This cannot be undone.")).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel")).to_be_focused()
+    page.get_by_role("button", name="Delete", exact=True).click()
+    expect(history_items(page)).to_have_count(1)
+    expect(history_items(page)).to_contain_text("Renamed alpha")
+    expect(listed(page, "Renamed alpha").locator(".conversation-open")).to_be_focused()
+    assert client.get(f"/conversations/{beta_id}").status_code == 404
+    # The open conversation was the deleted one: the page starts a new one.
+    expect(page.locator("article.message.user")).to_have_count(0)
+    wait_connected(page)
+    assert conversation_id(page) not in (alpha_id, beta_id)
+    listed_ids = [c["id"] for c in client.get("/conversations").get_json()["conversations"] if c["messages"]]
+    assert listed_ids == [alpha_id]
+
+
+def test_history_pages_with_load_more(live_fake, context):
+    seed(live_fake, [(f"seed{i:02d}", "greedy", f"Seeded question {i}", 1000 - i) for i in range(22)])
+    context.add_init_script(  # about:blank runs it too, without storage
+        "try { localStorage.setItem('llm.chat.conversation.greedy', 'seed21'); } catch {}")
+    page = open_chat(context)
+    expect(page.locator("article.message.user")).to_have_text("Seeded question 21")
+    expect(history_items(page)).to_have_count(20)
+    expect(history_items(page).first.locator(".conversation-open")).to_have_attribute("aria-current", "true")
+    expect(history_items(page).first.locator("time")).to_have_text("16 minutes ago")
+    more = page.get_by_role("button", name="Load more")
+    more.click()
+    expect(history_items(page)).to_have_count(22)
+    expect(history_items(page).last).to_contain_text("Seeded question 0")
+    expect(more).to_be_hidden()
+    expect(history_items(page).nth(20).locator(".conversation-open")).to_be_focused()
+
+
+def test_feedback_with_comment_is_stored_and_restored(page, client):
+    ask(page, "Rate me")
+    answer = finished_answer(page)
+    good, bad = answer.get_by_role("button", name="Good answer"), answer.get_by_role("button", name="Bad answer")
+    expect(good).to_have_attribute("aria-pressed", "false")
+    expect(bad).to_have_attribute("aria-pressed", "false")
+    good.click()
+    expect(good).to_have_attribute("aria-pressed", "true")
+    answer.get_by_label("What was good? (optional)").fill("Short and correct.")
+    shot(page, "feedback-desktop.png")
+    answer.get_by_role("button", name="Send comment").click()
+    expect(answer.locator(".feedback-thanks")).to_have_text("Thanks, your comment was sent.")
+    expect(good).to_be_focused()
+
+    conversation = client.get(f"/conversations/{conversation_id(page)}").get_json()
+    turn = conversation["turns"][-1]
+    assert turn["rating"] == 1
+    rows = [json.loads(line) for line in client.get("/feedback/export").get_data(as_text=True).splitlines()]
+    assert [(r["message_id"], r["rating"], r["comment"], r["question"]) for r in rows] == [
+        (turn["id"], 1, "Short and correct.", "Rate me")]
+
+    page.reload()
+    wait_connected(page)
+    answer = answers(page).last
+    good, bad = answer.get_by_role("button", name="Good answer"), answer.get_by_role("button", name="Bad answer")
+    expect(good).to_have_attribute("aria-pressed", "true")  # restored from the stored rating
+    bad.click()
+    expect(answer.get_by_label("What went wrong? (optional)")).to_be_visible()  # shown once it is stored
+    expect(bad).to_have_attribute("aria-pressed", "true")
+    expect(good).to_have_attribute("aria-pressed", "false")
+    assert client.get(f"/conversations/{conversation_id(page)}").get_json()["turns"][-1]["rating"] == -1
+
+
+def test_api_key_from_the_page_url_is_used_everywhere(keyed_context, keyed_server, fake_engine):
+    page = open_chat(keyed_context, "/?api_key=secret")
+    assert "api_key" not in page.url
+    assert page.evaluate("sessionStorage.getItem('llm.chat.apiKey')") == "secret"
+    expect(page.locator("#key-form")).to_be_hidden()
+    fake_engine.delay = 0.02
+    fake_engine.script(["Streamed ", "with ", "a ", "key."])
+    ask(page, "Keyed question")
+    answer = finished_answer(page)
+    expect(answer.locator(".body")).to_have_text("Streamed with a key.")
+    expect(listed(page, "Keyed question")).to_have_count(1)
+    answer.get_by_role("button", name="Good answer").click()
+    expect(answer.get_by_label("What was good? (optional)")).to_be_visible()
+
+    cid = conversation_id(page)
+    page.get_by_role("button", name="Actions for “Keyed question”").click()
+    with page.expect_download() as download:  # fetched with the key, then saved
+        page.get_by_role("link", name="Export as Markdown").click()
+    assert download.value.suggested_filename == f"conversation-{cid}.md"
+    text = Path(download.value.path()).read_text()
+    assert "## You\n\nKeyed question" in text and "Streamed with a key." in text
+    client = keyed_server.app.test_client()
+    assert client.get(f"/conversations/{cid}").status_code == 401
+    stored = client.get(f"/conversations/{cid}", headers={"X-API-Key": "secret"}).get_json()
+    assert stored["turns"][-1]["rating"] == 1
+
+
+def test_key_form_asks_for_a_key_and_retries(keyed_context, keyed_server):
+    page = keyed_context.new_page()
+    page.goto("/static/index.html")  # GET / itself needs a key (see the xfail test below)
+    key = page.get_by_label("API key", exact=True)
+    expect(page.get_by_role("heading", name="API key needed")).to_be_visible()
+    expect(key).to_be_focused()
+    expect(key).to_have_attribute("type", "password")
+    key.fill("wrong")
+    key.press("Enter")
+    expect(page.get_by_role("alert").filter(has_text="That key was not accepted")).to_be_visible()
+    expect(key).to_be_focused()
+    expect(key).to_have_value("")
+    shot(page, "api-key-desktop.png")
+    key.fill("secret")
+    key.press("Enter")
+    expect(page.locator("#key-form")).to_be_hidden()
+    wait_connected(page)
+    ask(page, "Hello with a key")
+    expect(finished_answer(page).locator(".body")).to_have_text("Hello from the fake engine.")
+    expect(listed(page, "Hello with a key")).to_have_count(1)
+    owned = keyed_server.app.extensions["llm"].store.list("alice")
+    assert [c["title"] for c in owned if c["messages"]] == ["Hello with a key"]
+
+
+def test_page_without_a_key_in_its_url_asks_for_one(keyed_context):
+    page = keyed_context.new_page()
+    page.goto("/")
+    expect(page.get_by_label("API key", exact=True)).to_be_visible(timeout=2000)
+
+
+def test_layout_desktop_and_phone(live_fake, context, fake_engine):
+    seed(live_fake, [("lisbon", "greedy", "Plan a relaxed weekend in Lisbon with a small budget", 2 * 3600),
+                     ("wal", "greedy", "Explain SQLite WAL mode", 26 * 3600),
+                     ("poem", "other", "A birthday poem for Sam", 4 * 86400),
+                     ("report", "greedy", "Summarise the Q3 report", 30 * 86400)])
     page = open_chat(context)
     fake_engine.script(["Hello! I can help with Python, writing and more."])
     ask(page, "Hello there")
-    finished_answer(page)
+    finished_answer(page).get_by_role("button", name="Good answer").click()
     fake_engine.script([RICH_ANSWER])
     ask(page, "How do I reverse a list in Python? Show me a few ways, with a short example.")
     finished_answer(page)
+    expect(history_items(page)).to_have_count(5)
+    page.get_by_role("button", name="Actions for “Explain SQLite WAL mode”").click()
     page.get_by_role("button", name="Add context").click()
     page.get_by_label("Context for your next message").fill("I use Python 3.12.")
     page.get_by_label("Message", exact=True).fill("And for a tuple?")
@@ -384,12 +646,41 @@ def test_layout_desktop_and_phone(context, fake_engine):
     page.emulate_media(color_scheme="dark")
     shot(page, "chat-desktop-dark.png")
     page.emulate_media(color_scheme="light")
+    toggle = page.get_by_role("button", name="Conversations", exact=True)
+    expect(toggle).to_be_hidden()  # the sidebar is always shown on wide screens
     for size, name in ((PHONE, "chat-phone.png"), ({"width": 360, "height": 740}, None)):
         page.set_viewport_size(size)
         page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
-        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
-        assert overflow <= 0, f"horizontal scroll of {overflow}px at {size['width']}px wide"
-        send = page.get_by_role("button", name="Send").bounding_box()
+        assert_no_horizontal_scroll(page, size)
+        send = page.get_by_role("button", name="Send", exact=True).bounding_box()
         assert send["x"] + send["width"] <= size["width"]
+        expect(page.get_by_role("navigation", name="Conversations")).to_be_hidden()
         if name:
             shot(page, name)
+
+    page.set_viewport_size(PHONE)
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+    toggle.click()
+    expect(toggle).to_have_attribute("aria-expanded", "true")
+    nav = page.get_by_role("navigation", name="Conversations")
+    expect(nav).to_be_visible()
+    current = listed(page, "Hello there").locator(".conversation-open")
+    expect(current).to_be_focused()
+    expect(current).to_have_attribute("aria-current", "true")
+    page.wait_for_timeout(250)  # the slide-in transition
+    assert_no_horizontal_scroll(page, PHONE)
+    shot(page, "chat-phone-sidebar.png")
+    page.keyboard.press("Escape")
+    expect(nav).to_be_hidden()
+    expect(toggle).to_be_focused()
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+
+    toggle.click()  # opening a conversation from the drawer closes it
+    open_listed(page, "Explain SQLite WAL mode")
+    expect(nav).to_be_hidden()
+    expect(page.locator("article.message.user")).to_have_text("Explain SQLite WAL mode")
+
+
+def assert_no_horizontal_scroll(page, size):
+    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"horizontal scroll of {overflow}px at {size['width']}px wide"

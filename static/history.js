@@ -1,0 +1,364 @@
+/* The sidebar: the user's past conversations, most recent first, paged; open, rename, delete and export.
+ *
+ * `items` mirrors a prefix of the server's list (GET /conversations, newest first), so the next page starts at
+ * offset items.length; a refresh re-reads that prefix, which moves a conversation that just got an answer to
+ * the top. Conversations without messages (a socket bound to a new id creates one) are kept in `items` for the
+ * paging arithmetic but not shown. On narrow screens the sidebar is a drawer behind #sidebar-toggle.
+ */
+
+import { download, hasKey, json } from './api.js';
+import { $, announce, button, element, icon } from './dom.js';
+
+const PAGE = 20;
+const MAX_PAGE = 100;
+const narrow = window.matchMedia('(max-width: 899px)');
+
+const ui = {
+  sidebar: $('sidebar'), toggle: $('sidebar-toggle'), close: $('sidebar-close'), backdrop: $('sidebar-backdrop'),
+  heading: $('history-title'), list: $('history-list'), status: $('history-status'), more: $('history-more'),
+  feedbackExport: $('feedback-export'),
+};
+
+const state = {
+  items: [], entries: new Map(), hasMore: false, loaded: false, loadingMore: false, error: '', current: null,
+  serial: 0,
+  handlers: { open: () => {}, deleted: () => {} },
+};
+
+const dateTimeFormat = new Intl.DateTimeFormat('en', { dateStyle: 'medium', timeStyle: 'short' });
+const relative = new Intl.RelativeTimeFormat('en', { numeric: 'auto' });
+
+/** "just now", "5 minutes ago", "yesterday", "3 days ago", then the date. */
+export function relativeDate(seconds, now = Date.now()) {
+  const diff = seconds - now / 1000;
+  const ago = -diff;
+  if (ago < 45) return 'just now';
+  if (ago < 3600) return relative.format(Math.round(diff / 60), 'minute');
+  if (ago < 86400) return relative.format(Math.round(diff / 3600), 'hour');
+  if (ago < 7 * 86400) return relative.format(Math.round(diff / 86400), 'day');
+  const date = new Date(seconds * 1000);
+  const sameYear = date.getFullYear() === new Date(now).getFullYear();
+  return date.toLocaleDateString('en', { day: 'numeric', month: 'short', year: sameYear ? undefined : 'numeric' });
+}
+
+function conversationUrl(id, suffix = '') { return `/conversations/${encodeURIComponent(id)}${suffix}`; }
+
+function titleOf(item) { return item.title || 'Untitled conversation'; }
+
+/* ---------- loading ---------- */
+
+async function fetchPage(limit, offset) {
+  const data = await json(`/conversations?limit=${limit}&offset=${offset}`);
+  return data.conversations || [];
+}
+
+async function loadFirstPage() {
+  setStatus('Loading…');
+  try {
+    const items = await fetchPage(PAGE, 0);
+    state.items = items;
+    state.hasMore = items.length === PAGE;
+    state.error = '';
+  } catch (error) {
+    state.error = `The conversations could not be loaded: ${error.message}`;
+  }
+  state.loaded = true;
+  render();
+}
+
+async function loadMore() {
+  if (state.loadingMore) return;
+  state.loadingMore = true; // not disabled: that would drop the keyboard focus resting on the button
+  ui.more.setAttribute('aria-disabled', 'true');
+  ui.more.textContent = 'Loading…';
+  const shownBefore = visibleItems().length;
+  try {
+    const items = await fetchPage(PAGE, state.items.length);
+    const known = new Set(state.items.map((item) => item.id));
+    state.items.push(...items.filter((item) => !known.has(item.id)));
+    state.hasMore = items.length === PAGE;
+    state.error = '';
+  } catch (error) {
+    state.error = `More conversations could not be loaded: ${error.message}`;
+  }
+  state.loadingMore = false;
+  ui.more.removeAttribute('aria-disabled');
+  ui.more.textContent = 'Load more';
+  render();
+  const added = visibleItems().length - shownBefore;
+  if (!state.error) announce(added ? `${added} more conversations loaded.` : 'No more conversations.');
+  if (ui.more.hidden) {
+    const first = visibleItems()[shownBefore];
+    (first ? state.entries.get(first.id).open : ui.heading).focus();
+  }
+}
+
+/** Re-read the part of the list already shown, after an answer changed its order, title or dates. */
+export async function refresh() {
+  if (!state.loaded) return;
+  const limit = Math.min(Math.max(state.items.length, PAGE), MAX_PAGE);
+  let fresh;
+  try {
+    fresh = await fetchPage(limit, 0);
+  } catch {
+    return; // the list stays as it was; the next answer tries again
+  }
+  const known = new Set(fresh.map((item) => item.id));
+  state.items = fresh.length < limit ? fresh : [...fresh, ...state.items.slice(limit).filter((i) => !known.has(i.id))];
+  if (fresh.length < limit) state.hasMore = false;
+  render();
+}
+
+/* ---------- rendering ---------- */
+
+function visibleItems() { return state.items.filter((item) => item.messages > 0); }
+
+function setStatus(text) {
+  ui.status.textContent = text;
+  ui.status.hidden = !text;
+}
+
+function render() {
+  const visible = visibleItems();
+  const active = ui.list.contains(document.activeElement) ? document.activeElement : null;
+  const ids = new Set(visible.map((item) => item.id));
+  for (const [id, entry] of state.entries) {
+    if (!ids.has(id)) { entry.li.remove(); state.entries.delete(id); }
+  }
+  visible.forEach((item, index) => {
+    const entry = state.entries.get(item.id) || createEntry(item);
+    entry.item = item;
+    updateEntry(entry);
+    if (ui.list.children[index] !== entry.li) ui.list.insertBefore(entry.li, ui.list.children[index] || null);
+  });
+  if (active && active.isConnected && document.activeElement !== active) active.focus({ preventScroll: true });
+  setStatus(state.error || (visible.length ? '' : 'No conversations yet. They appear here after their first answer.'));
+  ui.status.classList.toggle('error', Boolean(state.error));
+  if (state.error) ui.status.setAttribute('role', 'alert');
+  else ui.status.removeAttribute('role');
+  ui.more.hidden = !state.hasMore;
+}
+
+function createEntry(item) {
+  const li = element('li', 'conversation');
+  const row = element('div', 'conversation-row');
+  const open = button('', 'conversation-open');
+  const title = element('span', 'conversation-title');
+  const personality = element('span', 'conversation-personality');
+  const time = element('time');
+  const meta = element('span', 'conversation-meta');
+  meta.append(personality, element('span', 'separator', ' · '), time);
+  open.append(title, meta);
+  const more = button('', 'button icon-only conversation-more');
+  more.append(icon('more'));
+  const actions = element('div', 'conversation-actions');
+  actions.id = `conversation-actions-${state.serial += 1}`;
+  actions.hidden = true;
+  more.setAttribute('aria-controls', actions.id);
+  more.setAttribute('aria-expanded', 'false');
+  row.append(open, more);
+  li.append(row, actions);
+  const entry = { item, li, row, open, title, personality, time, more, actions };
+  open.addEventListener('click', () => openConversation(entry));
+  more.addEventListener('click', () => (actions.hidden ? showActions(entry) : hideActions(entry)));
+  state.entries.set(item.id, entry);
+  return entry;
+}
+
+function updateEntry(entry) {
+  const { item } = entry;
+  entry.title.textContent = titleOf(item);
+  entry.open.title = titleOf(item); // the whole title, where the list cuts it short
+  entry.personality.textContent = item.personality;
+  entry.time.dateTime = new Date(item.updated * 1000).toISOString();
+  entry.time.title = dateTimeFormat.format(new Date(item.updated * 1000));
+  entry.time.textContent = relativeDate(item.updated);
+  entry.more.setAttribute('aria-label', `Actions for “${titleOf(item)}”`);
+  const current = item.id === state.current;
+  entry.li.classList.toggle('current', current);
+  if (current) entry.open.setAttribute('aria-current', 'true');
+  else entry.open.removeAttribute('aria-current');
+}
+
+function updateDates() {
+  for (const entry of state.entries.values()) entry.time.textContent = relativeDate(entry.item.updated);
+}
+
+/** Highlight the conversation on screen (null when it is new and not listed yet). */
+export function setCurrent(id) {
+  state.current = id;
+  for (const entry of state.entries.values()) updateEntry(entry);
+}
+
+/* ---------- actions ---------- */
+
+function openConversation(entry) {
+  if (narrow.matches) setDrawer(false);
+  state.handlers.open({ ...entry.item });
+}
+
+function showActions(entry) {
+  for (const other of state.entries.values()) if (other !== entry) hideActions(other, false);
+  const rename = button('Rename', 'button ghost small');
+  const remove = button('Delete…', 'button ghost small danger-text');
+  const exports = element('span', 'exports');
+  exports.append(element('span', 'exports-label', 'Export:'), exportLink(entry, 'md', 'Markdown'),
+    exportLink(entry, 'json', 'JSON'));
+  rename.addEventListener('click', () => startRename(entry));
+  remove.addEventListener('click', () => confirmDelete(entry));
+  entry.actions.replaceChildren(rename, remove, exports);
+  entry.actions.hidden = false;
+  entry.li.classList.add('expanded');
+  entry.more.setAttribute('aria-expanded', 'true');
+}
+
+function hideActions(entry, focus = true) {
+  if (entry.actions.hidden) return;
+  entry.actions.hidden = true;
+  entry.actions.replaceChildren();
+  entry.li.classList.remove('expanded');
+  entry.more.setAttribute('aria-expanded', 'false');
+  if (focus) entry.more.focus();
+}
+
+function exportLink(entry, format, label) {
+  const link = element('a', 'export-link', label);
+  link.href = conversationUrl(entry.item.id, `/export?format=${format}`);
+  link.download = '';
+  link.setAttribute('aria-label', `Export as ${label}`);
+  link.addEventListener('click', (event) => keyedDownload(event, link, entry.actions));
+  return link;
+}
+
+/** With an API key a plain link would get a 401, so the file is fetched with the key instead. */
+function keyedDownload(event, link, place) {
+  if (!hasKey()) return;
+  event.preventDefault();
+  download(link.href).catch((error) => showActionError(place, `The export failed: ${error.message}`));
+}
+
+function showActionError(place, message) {
+  const old = place.querySelector('.error');
+  if (old) old.remove();
+  const note = element('p', 'error', message);
+  note.setAttribute('role', 'alert');
+  place.append(note);
+}
+
+function startRename(entry) {
+  const form = element('form', 'rename-form');
+  const input = element('input');
+  Object.assign(input, { type: 'text', value: entry.item.title, maxLength: 200, required: true });
+  input.setAttribute('aria-label', 'Conversation title');
+  const save = button('Save', 'button primary small', 'submit');
+  const cancel = button('Cancel', 'button secondary small');
+  const buttons = element('div', 'rename-buttons');
+  buttons.append(save, cancel);
+  form.append(input, buttons);
+  hideActions(entry, false);
+  entry.row.hidden = true;
+  entry.li.insertBefore(form, entry.actions);
+  input.focus();
+  input.select();
+  const end = () => { form.remove(); entry.row.hidden = false; entry.open.focus(); };
+  input.addEventListener('keydown', (event) => {
+    if (event.key !== 'Escape') return;
+    event.preventDefault();
+    event.stopPropagation(); // neither stop an answer nor close the drawer
+    end();
+  });
+  cancel.addEventListener('click', end);
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    const title = input.value.trim();
+    if (!title) { input.focus(); return; }
+    save.disabled = true;
+    try {
+      const data = await json(conversationUrl(entry.item.id), { method: 'PATCH', body: { title } });
+      entry.item.title = data.title;
+      updateEntry(entry);
+      end();
+      announce(`Renamed to “${data.title}”.`);
+    } catch (error) {
+      save.disabled = false;
+      input.focus();
+      showActionError(form, `The title could not be saved: ${error.message}`);
+    }
+  });
+}
+
+function confirmDelete(entry) {
+  const question = element('p', 'confirm-text', 'Delete this conversation? This cannot be undone.');
+  question.id = `${entry.actions.id}-question`;
+  const group = element('div', 'confirm');
+  group.setAttribute('role', 'group');
+  group.setAttribute('aria-labelledby', question.id);
+  const yes = button('Delete', 'button danger small');
+  const no = button('Cancel', 'button secondary small');
+  group.append(question, yes, no);
+  entry.actions.replaceChildren(group);
+  no.focus(); // the harmless choice first
+  no.addEventListener('click', () => { showActions(entry); entry.more.focus(); });
+  yes.addEventListener('click', () => deleteConversation(entry, yes));
+}
+
+async function deleteConversation(entry, yes) {
+  yes.disabled = true;
+  try {
+    await json(conversationUrl(entry.item.id), { method: 'DELETE' });
+  } catch (error) {
+    yes.disabled = false;
+    yes.focus();
+    showActionError(entry.actions, `The conversation could not be deleted: ${error.message}`);
+    return;
+  }
+  const visible = visibleItems();
+  const index = visible.indexOf(entry.item);
+  const neighbour = visible[index + 1] || visible[index - 1];
+  state.items = state.items.filter((item) => item.id !== entry.item.id);
+  render();
+  (neighbour ? state.entries.get(neighbour.id).open : ui.heading).focus();
+  announce(`Deleted “${titleOf(entry.item)}”.`);
+  state.handlers.deleted(entry.item.id);
+}
+
+/* ---------- the drawer on narrow screens ---------- */
+
+function setDrawer(open, moveFocus = true) {
+  ui.sidebar.dataset.open = String(open);
+  ui.toggle.setAttribute('aria-expanded', String(open));
+  ui.backdrop.hidden = !open;
+  for (const node of document.querySelectorAll('[data-behind-drawer]')) node.inert = open && narrow.matches;
+  if (!moveFocus) return;
+  if (open) {
+    const current = state.current && state.entries.get(state.current);
+    const first = visibleItems()[0];
+    (current ? current.open : first ? state.entries.get(first.id).open : ui.close).focus();
+  } else {
+    ui.toggle.focus();
+  }
+}
+
+function bindEvents() {
+  ui.toggle.addEventListener('click', () => setDrawer(ui.sidebar.dataset.open !== 'true'));
+  ui.close.addEventListener('click', () => setDrawer(false));
+  ui.backdrop.addEventListener('click', () => setDrawer(false));
+  ui.sidebar.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape' && narrow.matches && ui.sidebar.dataset.open === 'true') {
+      event.stopPropagation();
+      setDrawer(false);
+    }
+  });
+  narrow.addEventListener('change', () => setDrawer(false, false));
+  ui.more.addEventListener('click', loadMore);
+  ui.feedbackExport.addEventListener('click', (event) => keyedDownload(event, ui.feedbackExport, ui.sidebar));
+  window.setInterval(updateDates, 60000);
+}
+
+/** Wire the sidebar: `open(item)` shows a conversation, `deleted(id)` hears that one was deleted. */
+export function initHistory({ open, deleted }) {
+  state.handlers = { open, deleted };
+  bindEvents();
+  setDrawer(false, false);
+  return loadFirstPage();
+}

@@ -1,0 +1,183 @@
+/* The conversation as the user sees it: Markdown made inert, user messages, answers and their footers.
+ *
+ * Model output is untrusted: markdown-it renders it with raw HTML off and images off (an image URL would leak
+ * data to whoever the model was tricked into naming), then DOMPurify keeps only a short list of tags.
+ */
+
+import { $, element, plural, scrollToEnd } from './dom.js';
+import { feedbackControls } from './feedback.js';
+
+const ALLOWED_TAGS = ['p', 'br', 'hr', 'h1', 'h2', 'h3', 'h4', 'h5', 'h6', 'strong', 'em', 's', 'del', 'code',
+  'pre', 'blockquote', 'ul', 'ol', 'li', 'a', 'table', 'thead', 'tbody', 'tr', 'th', 'td'];
+const CONTEXT_PREFIX = /^\s*\|CONTEXT\|([\s\S]*?)\|\/CONTEXT\|\s*/;
+
+const container = $('messages');
+let language = '';
+
+const markdown = window.markdownit({ html: false, linkify: true, breaks: false, typographer: false });
+markdown.disable('image');
+window.DOMPurify.addHook('afterSanitizeAttributes', (node) => {
+  if (node.tagName === 'A') {
+    node.setAttribute('target', '_blank');
+    node.setAttribute('rel', 'noopener noreferrer nofollow');
+  }
+});
+
+export function renderMarkdown(text) {
+  return window.DOMPurify.sanitize(markdown.render(text), {
+    ALLOWED_TAGS, ALLOWED_ATTR: ['href', 'title', 'start', 'class'], ALLOW_DATA_ATTR: false,
+  });
+}
+
+/** The personality's language, set on each message so screen readers pronounce it right. */
+export function setLanguage(lang) { language = lang || ''; }
+
+function splitContext(prompt) {
+  const match = CONTEXT_PREFIX.exec(prompt);
+  return match ? { context: match[1].trim(), question: prompt.slice(match[0].length) } : { context: '', question: prompt };
+}
+
+export function appendMessage(role, label) {
+  const article = element('article', `message ${role}`);
+  article.setAttribute('aria-label', label);
+  if (language) article.lang = language;
+  container.append(article);
+  return article;
+}
+
+export function addUserMessage(prompt) {
+  const { context, question } = splitContext(prompt);
+  const article = appendMessage('user', 'You');
+  article.append(element('div', 'body plain', question));
+  if (context) {
+    const details = element('details', 'context-note');
+    details.append(element('summary', '', 'Context added'), element('div', 'plain', context));
+    article.append(details);
+  }
+  scrollToEnd(true);
+}
+
+/** Empty the conversation and show the personality's introduction, if it has one. */
+export function showIntro(intro) {
+  container.replaceChildren();
+  if (!intro) return;
+  const article = appendMessage('assistant intro', 'Introduction');
+  article.append(element('div', 'body markdown'));
+  article.firstChild.innerHTML = renderMarkdown(intro);
+}
+
+export function showNotice(text, kind = 'notice') {
+  const note = element('p', `notice ${kind}`, text);
+  container.append(note);
+  return note;
+}
+
+export function addSources(article, sources) {
+  if (!sources.length) return;
+  const box = element('div', 'sources');
+  box.append(element('p', 'sources-title', 'Sources'));
+  const list = element('ul');
+  for (const source of sources) {
+    const item = element('li');
+    const title = source.title || source.url || 'Untitled';
+    if (source.url && /^https?:\/\//i.test(source.url)) {
+      const link = element('a', '', title);
+      Object.assign(link, { href: source.url, target: '_blank', rel: 'noopener noreferrer nofollow' });
+      item.append(link);
+    } else {
+      item.append(element('span', '', title));
+    }
+    list.append(item);
+  }
+  box.append(list);
+  article.append(box);
+}
+
+function copyButton(text) {
+  const button = element('button', 'button icon copy', 'Copy');
+  button.type = 'button';
+  button.setAttribute('aria-label', 'Copy answer');
+  button.addEventListener('click', async () => {
+    const ok = await copyText(text);
+    button.textContent = ok ? 'Copied' : 'Copy failed';
+    window.setTimeout(() => { button.textContent = 'Copy'; }, 2000);
+  });
+  return button;
+}
+
+async function copyText(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch {
+    const area = element('textarea'); // the clipboard API needs a secure context; this works without
+    area.value = text;
+    area.setAttribute('readonly', '');
+    area.className = 'visually-hidden';
+    document.body.append(area);
+    area.select();
+    const ok = document.execCommand('copy');
+    area.remove();
+    return ok;
+  }
+}
+
+function usageText(usage) {
+  if (!usage) return '';
+  const parts = [];
+  if (usage.completion_tokens != null) parts.push(plural(usage.completion_tokens, 'token'));
+  if (usage.tokens_per_second) parts.push(`${usage.tokens_per_second.toFixed(1)} tokens/s`);
+  return parts.join(' · ');
+}
+
+function usageDetails(usage) {
+  if (!usage) return '';
+  const parts = [];
+  if (usage.prompt_tokens != null) parts.push(`Prompt: ${plural(usage.prompt_tokens, 'token')}`);
+  if (usage.cached_tokens) parts.push(`reused from cache: ${usage.cached_tokens}`);
+  if (usage.time_to_first_token != null) parts.push(`first token after ${usage.time_to_first_token.toFixed(2)} s`);
+  return parts.join(', ');
+}
+
+/**
+ * Copy button, rating buttons (when the answer was stored: `feedback.messageId`), usage figures, notes.
+ * `feedback` is {conversationId, messageId, rating}.
+ */
+export function addFooter(article, text, options = {}) {
+  const { usage = null, trimmed = 0, note = '', statuses = [], feedback = null } = options;
+  const bits = [note, usageText(usage)].filter(Boolean);
+  const rated = feedback && feedback.messageId != null;
+  if (text || bits.length || rated) {
+    const footer = element('div', 'answer-footer');
+    if (text) footer.append(copyButton(text));
+    if (rated) footer.append(feedbackControls(article, feedback));
+    const meta = element('p', 'meta', bits.join(' · '));
+    if (usage) meta.title = usageDetails(usage);
+    footer.append(meta);
+    article.append(footer);
+  }
+  if (statuses.length) {
+    const details = element('details', 'status-notes');
+    details.append(element('summary', '', plural(statuses.length, 'note')));
+    for (const status of statuses) details.append(element('p', '', status));
+    article.append(details);
+  }
+  if (trimmed > 0) {
+    article.append(element('p', 'trimmed',
+      `${plural(trimmed, 'earlier message')} ${trimmed === 1 ? 'was' : 'were'} left out to fit the model's context.`));
+  }
+}
+
+/** One turn from GET /conversations/<id>, as it looked when it was answered. */
+export function renderStoredTurn(turn, conversationId) {
+  if (turn.role === 'user') {
+    addUserMessage(turn.content);
+    return;
+  }
+  const article = appendMessage('assistant', 'Answer');
+  const body = element('div', 'body markdown');
+  body.innerHTML = renderMarkdown(turn.content || '');
+  article.append(body);
+  addSources(article, turn.sources || []);
+  addFooter(article, turn.content || '', { feedback: { conversationId, messageId: turn.id, rating: turn.rating } });
+}
