@@ -1,6 +1,6 @@
 """Who is asking: API keys (each key names a user), a trusted proxy's user header, or anonymous.
 
-When ``LLM_API_KEYS`` is set every endpoint but ``/health`` and the static assets needs a key, given as
+When ``LLM_API_KEYS`` is set every endpoint but ``/health``, the page and its static assets needs a key, given as
 ``Authorization: Bearer <key>``, ``X-API-Key: <key>`` or ``?api_key=<key>`` (the only way a browser can
 authenticate a websocket or a page load). ``X-Forwarded-User`` is believed only from an address listed in
 ``LLM_TRUSTED_PROXIES``; anyone else could simply send it.
@@ -15,6 +15,7 @@ from flask import Flask, current_app, g, request
 from llm.errors import Unauthorized
 
 OPEN_PATHS = ("/health", "/static/")
+PAGE = "/"  # the chat page holds no data; it asks for a key and sends it with every request
 ANONYMOUS = "anonymous"
 
 
@@ -36,11 +37,15 @@ def presented_key() -> str:
     return request.headers.get("X-API-Key") or request.args.get("api_key") or ""
 
 
+def _open(path: str) -> bool:
+    return path == PAGE or path.startswith(OPEN_PATHS)
+
+
 def identify() -> None:
     """before_request: set ``g.user`` or refuse the request."""
     settings = current_app.extensions["llm"].settings
     g.user = ANONYMOUS
-    if settings.api_keys and not request.path.startswith(OPEN_PATHS):
+    if settings.api_keys and not _open(request.path):
         user = key_users(settings.api_keys).get(presented_key())
         if user is None:
             raise Unauthorized("A valid API key is required: send 'Authorization: Bearer <key>', "

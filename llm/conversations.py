@@ -26,11 +26,12 @@ class Turn:
     sources: list[dict] = field(default_factory=list)
     message_id: int | None = None
     rating: int | None = None
+    comment: str | None = None
 
     def public(self) -> dict[str, Any]:
         return {"id": self.message_id, "role": self.role,
                 "content": self.display if self.display is not None else self.content,
-                "sources": self.sources, "rating": self.rating}
+                "sources": self.sources, "rating": self.rating, "comment": self.comment}
 
 
 @dataclass

@@ -245,8 +245,9 @@ class Scheduler:
             slot = self._place(job)
             if slot is None:
                 return  # not enough cache until running answers finish
-            with self._cond:
+            with self._cond:  # leave the queue and take the slot at once, so submit() never undercounts
                 self._queue.popleft()
+                slot.job = job
             self._start(slot, job)
 
     def _place(self, job: Job) -> Slot | None:

@@ -162,9 +162,10 @@ class SqlConversationStore:
         row = cur.execute("SELECT personality, user_id, title, created, updated, first_kept, summary "
                           "FROM conversations WHERE id = ?", (conversation_id,)).one()
         turns = [
-            Turn(role, content, display, json.loads(sources), message_id=ident, rating=rating)
-            for ident, role, content, display, sources, rating in cur.execute(
-                "SELECT id, role, content, display, sources, rating FROM messages WHERE conversation_id = ? "
+            Turn(role, content, display, json.loads(sources), message_id=ident, rating=rating, comment=comment)
+            for ident, role, content, display, sources, rating, comment in cur.execute(
+                "SELECT id, role, content, display, sources, rating, feedback_comment FROM messages "
+                "WHERE conversation_id = ? "
                 "ORDER BY position", (conversation_id,)).all()
         ]
         return Conversation(conversation_id, row[0], turns=turns, first_kept=row[5], summary=row[6],
@@ -206,12 +207,14 @@ class SqlConversationStore:
         return text[:TITLE_LENGTH] + ("…" if len(text) > TITLE_LENGTH else "")
 
     def list(self, user: str, limit: int = 20, offset: int = 0) -> list[dict[str, Any]]:
-        """The user's conversations, most recently updated first."""
+        """The user's conversations with at least one message, most recently updated first."""
         with self.db.transaction() as cur:
             rows = cur.execute(
                 "SELECT c.id, c.personality, c.title, c.created, c.updated, "
                 "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) "
-                "FROM conversations c WHERE c.user_id = ? ORDER BY c.updated DESC, c.id LIMIT ? OFFSET ?",
+                "FROM conversations c WHERE c.user_id = ? "
+                "AND EXISTS (SELECT 1 FROM messages e WHERE e.conversation_id = c.id) "
+                "ORDER BY c.updated DESC, c.id LIMIT ? OFFSET ?",
                 (user, limit, offset)).all()
         return [{"id": r[0], "personality": r[1], "title": r[2], "created": r[3], "updated": r[4], "messages": r[5]}
                 for r in rows]

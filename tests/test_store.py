@@ -48,7 +48,7 @@ def test_turns_survive_a_new_store_instance(database_url):
 
 def test_users_only_see_their_own(store):
     cid = unique("private")
-    store.open(cid, "greedy", "alice")
+    store.append(store.open(cid, "greedy", "alice"), [Turn("user", "hi"), Turn("assistant", "hello")])
     with pytest.raises(NotFound):
         store.get(cid, "bob")
     with pytest.raises(BadRequest):
@@ -135,11 +135,14 @@ def test_history_errors(client, method, url, kwargs, status):
 def test_api_keys_separate_users_and_guard_every_endpoint(make_app):
     app = make_app(LLM_API_KEYS="alice:key-a,bob:key-b")
     client = app.test_client()
-    for url in ("/", "/personalities", "/gpt/greedy?prompt=x", "/conversations", "/v1/models"):
+    for url in ("/personalities", "/gpt/greedy?prompt=x", "/conversations", "/v1/models"):
         response = client.get(url)
         assert response.status_code == 401, url
         assert "API key" in response.get_json()["error"]["message"]
     assert client.get("/health").status_code in (200, 503)  # open for load balancers
+    page = client.get("/")
+    assert page.status_code == 200  # the page asks for the key itself
+    page.close()
     alice = {"X-API-Key": "key-a"}
     client.get("/gpt/greedy?prompt=Secret&session=alice-1", headers=alice)
     assert client.get("/conversations/alice-1", headers=alice).status_code == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
@@ -82,8 +83,9 @@ def export_conversation(conversation_id: str):
         body, mimetype, ext = as_markdown(conversation), "text/markdown", "md"
     else:
         raise BadRequest("'format' must be md or json.", param="format")
-    disposition = f'attachment; filename="conversation-{conversation_id[:40]}.{ext}"'
-    return Response(body, mimetype=mimetype, headers={"Content-Disposition": disposition.encode().decode("latin-1")})
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", conversation_id)[:40]
+    return Response(body, mimetype=mimetype,
+                    headers={"Content-Disposition": f'attachment; filename="conversation-{safe}.{ext}"'})
 
 
 @blueprint.post("/conversations/<conversation_id>/messages/<int:message_id>/feedback")
