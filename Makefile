@@ -62,8 +62,10 @@ lint: install
 bench: install
 	$(PY) bench/run.py
 
+# Schema coverage: ours vs llama.cpp's converter on the JSON-Schema-Test-Suite, then every schema through /toil.
 bench-schema: install
 	$(PY) bench/schema_coverage.py
+	$(PY) bench/schema_coverage.py --serve
 
 soak: install
 	$(PY) bench/soak.py

@@ -357,12 +357,30 @@ def _print_endpoint(cases: list[Case], results: list[tuple[int, bool, float, str
             print(f"  INVALID 200: {case.file}: {case.description}: {message[:150]}")
 
 
+def serve_and_run(cases: list[Case], args: argparse.Namespace) -> None:
+    """Run the online mode against our own service, started here on the embedded model."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _servers import our_server, write_personality
+
+    from llm.settings import physical_cores
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_personality(Path(folder), "You answer with JSON.", 256)
+        with our_server(args.model or default_model(), physical_cores(), Path(folder)) as server:
+            args.endpoint, args.personality = server.base, "bench"
+            run_endpoint(cases, args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suite", type=Path, default=DEFAULT_SUITE, help="JSON-Schema-Test-Suite checkout")
     parser.add_argument("--all", action="store_true", help="include every optional file, not only formats")
     parser.add_argument("--model", help="GGUF whose vocabulary is used (default: the embedded model)")
     parser.add_argument("--endpoint", help="base URL of a running server: benchmark /toil instead")
+    parser.add_argument("--serve", action="store_true",
+                        help="start the service on the embedded model and benchmark its /toil (greedy, 256 tokens)")
     parser.add_argument("--personality", default="assistant")
     parser.add_argument("--prompt", default="Produce an example value.")
     parser.add_argument("--api-key", default=os.environ.get("LLM_API_KEY"))
@@ -376,6 +394,8 @@ def main() -> None:
     cases = load_cases(args.suite, args.all)
     if args.limit and args.limit < len(cases):
         cases = cases[:: -(-len(cases) // args.limit)]  # an even spread over every file, for quick runs
+    if args.serve:
+        return serve_and_run(cases, args)
     if args.endpoint:
         return run_endpoint(cases, args)
     model = args.model or default_model()
