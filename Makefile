@@ -68,7 +68,7 @@ bench-schema: install
 	$(PY) bench/schema_coverage.py --serve
 
 soak: install
-	$(PY) bench/soak.py
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -105,7 +105,12 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     app.register_blueprint(gpt.blueprint)
     app.register_blueprint(toil.blueprint)
     app.register_blueprint(openai.blueprint)
+    # Websocket messages are read whole before anything looks at them: bound them like HTTP bodies.
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": settings.max_body_bytes})
     socket.register(Sock(app))
+    from llm.observability import install_observability
+
+    install_observability(app)
     return app
 
 
@@ -116,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip(), "\n")
         print(settings_help_text())
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from llm.logs import configure_logging
+
+    configure_logging()
     try:
         app = create_app()
     except ConfigError as exc:

@@ -15,7 +15,7 @@ from flask import Flask, current_app, g, request
 from llm.errors import Unauthorized
 
 OPEN_PATHS = ("/health", "/static/")
-PAGE = "/"  # the chat page holds no data; it asks for a key and sends it with every request
+PAGES = ("/", "/stats")  # pages hold no data; they ask for a key and send it with every request
 ANONYMOUS = "anonymous"
 
 
@@ -38,7 +38,7 @@ def presented_key() -> str:
 
 
 def _open(path: str) -> bool:
-    return path == PAGE or path.startswith(OPEN_PATHS)
+    return path in PAGES or path.startswith(OPEN_PATHS)
 
 
 def identify() -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
-from llm.errors import ServiceError
+from llm.errors import ServiceError, TimedOut
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -137,7 +137,7 @@ class Handle:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 self.cancel()
-                raise ServiceError("The answer took too long and was cancelled.") from None
+                raise TimedOut("The answer took too long and was cancelled; the service may be busy.") from None
             if item is _DONE:
                 if self.error is not None:
                     raise self.error

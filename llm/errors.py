@@ -69,6 +69,13 @@ class Overloaded(ServiceError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+class TimedOut(ServiceError):
+    """An answer that did not finish within LLM_REQUEST_TIMEOUT (usually a saturated engine)."""
+
+    status = 504
+    type = "timeout"
+
+
 class GenerationFailed(ServiceError):
     """The engine could not produce a complete answer (e.g. a JSON value cut off by the token limit)."""
 

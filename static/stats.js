@@ -1,14 +1,14 @@
 // The stats page: reads /stats.json and draws small inline SVG charts, each with a title, a description for
 // screen readers and its data as a table. No library: every node is built with createElement(NS) and
-// textContent, so names coming from the server are never parsed as HTML.
+// textContent, so names coming from the server are never parsed as HTML. An API key is handled as the chat
+// page does (static/api.js): taken once from ?api_key= into this tab's sessionStorage, sent as X-API-Key.
 "use strict";
 
 (() => {
   const SVG = "http://www.w3.org/2000/svg";
   const HEIGHT = 200, PAD = { left: 44, right: 12, top: 12, bottom: 26 };
   const REFRESH_MS = 10000;
-  const apiKey = new URLSearchParams(location.search).get("api_key");
-  const withKey = (url) => (apiKey ? `${url}?api_key=${encodeURIComponent(apiKey)}` : url);
+  const STORAGE_KEY = "llm.chat.apiKey"; // shared with the chat page
   let timer = null;
   let uid = 0;
   let last = null; // the latest figures, redrawn when the window is resized
@@ -246,10 +246,28 @@
     feedback(data);
   }
 
+  function storedKey() {
+    try { return sessionStorage.getItem(STORAGE_KEY) || ""; } catch { return ""; }
+  }
+
+  function takeKeyFromUrl() {
+    const url = new URL(window.location.href);
+    const key = (url.searchParams.get("api_key") || "").trim();
+    if (!url.searchParams.has("api_key")) return;
+    url.searchParams.delete("api_key");
+    window.history.replaceState(window.history.state, "", `${url.pathname}${url.search}${url.hash}`);
+    try { if (key) sessionStorage.setItem(STORAGE_KEY, key); } catch { /* storage off */ }
+  }
+
   async function refresh() {
     const banner = document.getElementById("banner");
     try {
-      const response = await fetch(withKey("/stats.json"), { cache: "no-store" });
+      const key = storedKey();
+      const response = await fetch("/stats.json", { cache: "no-store", headers: key ? { "X-API-Key": key } : {} });
+      if (response.status === 401) {
+        throw new Error("this server needs an API key: open /stats?api_key=YOUR_KEY, or enter it on the chat page " +
+          "in this tab first");
+      }
       if (!response.ok) throw new Error(`the server answered ${response.status}`);
       render(await response.json());
       banner.hidden = true;
@@ -267,7 +285,7 @@
   }
 
   document.addEventListener("DOMContentLoaded", () => {
-    if (apiKey) document.getElementById("chat-link").href = withKey("/");
+    takeKeyFromUrl();
     document.getElementById("auto-refresh").addEventListener("change", schedule);
     refresh();
     schedule();

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 from flask import Flask, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from llm.errors import ServiceError
@@ -38,8 +40,42 @@ def error_response(error: ServiceError):
     return response
 
 
+MAX_JSON_DEPTH = 100
+
+
+def _check_value(value: Any) -> None:
+    """Reject nesting deeper than MAX_JSON_DEPTH and strings that are not valid Unicode (lone surrogates)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, str):
+            item.encode("utf-8")  # UnicodeEncodeError (a ValueError) on a lone surrogate
+        elif isinstance(item, dict):
+            stack.extend((key, depth + 1) for key in item)
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Request bodies that would crash code further in (recursion, lone surrogates) are simply not JSON.
+
+    ``request.get_json(silent=True)`` then returns None and each endpoint answers its 400."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            value = super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+        _check_value(value)
+        return value
+
+
 def register_error_handlers(app: Flask) -> None:
     """Render ServiceError, HTTP errors and unexpected exceptions as JSON."""
+    app.json = StrictJSONProvider(app)
 
     app.register_error_handler(ServiceError, error_response)
 
@@ -53,7 +89,8 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def unexpected(error: Exception):
         incident = uuid.uuid4().hex[:12]
-        log.exception("unhandled error (incident %s)", incident)
+        log.exception("unhandled error (incident %s)", incident,
+                      extra={"event": "error", "incident": incident, "path": request.path})
         response = jsonify(error_body(f"Internal error (incident {incident}).", "internal_error", 500))
         response.status_code = 500
         return response

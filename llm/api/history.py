@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from llm.auth import current_user
 from llm.conversations import Conversation
-from llm.errors import BadRequest
+from llm.errors import BadRequest, NotFound
 
 blueprint = Blueprint("history", __name__)
 MAX_PAGE = 100
@@ -92,7 +92,8 @@ def export_conversation(conversation_id: str):
 def feedback(conversation_id: str, message_id: int):
     """Thumbs up or down, with an optional comment, on one answer."""
     body = json_object()
-    rating = {"up": 1, "down": -1, 1: 1, -1: -1}.get(body.get("rating"))
+    raw = body.get("rating")
+    rating = {"up": 1, "down": -1, 1: 1, -1: -1}.get(raw) if type(raw) in (str, int) else None
     comment = body.get("comment", "")
     if rating is None:
         raise BadRequest("'rating' must be 'up' or 'down'.", param="rating")
@@ -100,6 +101,8 @@ def feedback(conversation_id: str, message_id: int):
         raise BadRequest("'comment' must be a string of at most 2000 characters.", param="comment")
     llm = services()
     conversation = llm.store.get(conversation_id, current_user())
+    if message_id >= 2**63:
+        raise NotFound(f"Unknown answer {message_id} in conversation '{conversation_id}'.")
     llm.store.feedback(conversation_id, message_id, current_user(), rating, comment)
     observer = llm.chat.observer
     if observer is not None and hasattr(observer, "feedback"):

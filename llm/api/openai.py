@@ -15,9 +15,9 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from llm.auth import current_user
 from llm.chat import ActiveTurn
 from llm.engine import JsonConstraint
-from llm.auth import current_user
 from llm.errors import BadRequest, IncompleteOutput, PayloadTooLarge, ServiceError
 from llm.schema_support import check_schema, validate_output
 

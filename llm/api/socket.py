@@ -64,9 +64,11 @@ class SocketSession:
         """Reader thread: queue prompts, act on |STOP| and on the socket closing at once."""
         while True:
             try:
-                message = self.ws.receive()
+                message = self.ws.receive(timeout=5)
             except ConnectionClosed:
                 message = None
+            if message is None and self.ws.connected:
+                continue  # nothing arrived within the timeout (and a close is noticed even if signalled early)
             if message is None:
                 self.closed.set()
                 self._cancel_current()
@@ -87,6 +89,8 @@ class SocketSession:
         try:
             self.llm.personalities.get(self.personality)
         except ServiceError as error:
+            if self.llm.chat.observer is not None:
+                self.llm.chat.observer.socket_refused(self.personality, error)
             self.frames.error(error)
             self.frames.send("end")
             return

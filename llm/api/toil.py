@@ -14,8 +14,8 @@ import re
 from flask import Blueprint, Response, current_app, request
 
 from llm.api.gpt import sources_headers
-from llm.engine import JsonConstraint
 from llm.auth import current_user
+from llm.engine import JsonConstraint
 from llm.errors import BadRequest, IncompleteOutput
 from llm.schema_support import check_schema, validate_output
 
