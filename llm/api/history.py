@@ -78,7 +78,8 @@ def export_conversation(conversation_id: str):
     conversation = services().store.get(conversation_id, current_user())
     fmt = request.args.get("format", "md")
     if fmt == "json":
-        body, mimetype, ext = json.dumps(conversation.public(), ensure_ascii=False, indent=2), "application/json", "json"
+        body = json.dumps(conversation.public(), ensure_ascii=False, indent=2)
+        mimetype, ext = "application/json", "json"
     elif fmt in ("md", "markdown"):
         body, mimetype, ext = as_markdown(conversation), "text/markdown", "md"
     else:
