@@ -60,6 +60,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
+	$(PIP) install --quiet -e '.[test,bench]'
 	$(PY) bench/run.py
 
 # Schema coverage: ours vs llama.cpp's converter on the JSON-Schema-Test-Suite, then every schema through /toil.

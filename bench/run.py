@@ -1,0 +1,222 @@
+"""Side-by-side benchmark: our service against raw llama.cpp and against llama-cpp-python's own server.
+
+Every figure comes from one run, on one model, with one thread count for all sides. Each figure is the best
+of several repetitions, and the two sides' repetitions are interleaved: other work on the machine can only
+slow a run down, so the best run is the closest to what the code can do. Rows:
+
+1. single-stream decode speed through our websocket versus llama.cpp's own decode loop in-process (what our
+   scheduler, HTTP server and framing cost a lone user);
+2. 1, 4 and 8 concurrent streaming clients, ours versus ``python -m llama_cpp.server`` (what continuous
+   batching buys when several people use the service at once);
+3. time to first token at turn 10 of a conversation versus turn 1 (whether the conversation cache works).
+
+``make bench`` runs it (5 repetitions); ``--quick`` does one repetition of everything for a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from _clients import SocketClient, Stream, aggregate, ask_ours, ask_peer, run_together
+from _quiet import Quiet
+from _raw import RawLlama
+from _servers import Server, missing_peer_modules, our_server, peer_server, write_personality
+
+from app import ModelSpecs
+from llm.settings import load_settings, physical_cores
+
+SYSTEM = "You are a helpful assistant."
+# Distinct questions of similar length: one per concurrent client and one per conversation turn. The embedded
+# base model rambles on such prompts rather than ending its turn, so answers run to the token limit.
+TOPICS = ("lighthouses", "volcanoes", "bicycles", "glaciers", "libraries", "honeybees", "railways", "comets",
+          "tides", "orchards", "bridges", "deserts")
+QUESTION = "Question {}: tell me, in great detail, everything you know about {}."
+# Every question asked of one server is new (numbered), so no answer comes from a cached copy of the same
+# question; the shared system prompt may be cached, as it would be for real users. Numbers for the
+# concurrency rows start at 1000 on both sides, so both servers answer the very same questions there.
+CONCURRENT_FROM = 1000
+
+
+@dataclass
+class Row:
+    """One line of the table; ``met`` is None where the row has no target (reported for context)."""
+
+    measurement: str
+    ours: str
+    reference: str
+    ratio: str
+    target: str
+    met: bool | None
+
+
+def prompts(count: int, serial: itertools.count) -> list[str]:
+    """The next ``count`` numbered questions, cycling through the topics."""
+    return [QUESTION.format(n, TOPICS[n % len(TOPICS)]) for n in itertools.islice(serial, count)]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=physical_cores(), help="CPU threads for every side")
+    parser.add_argument("--clients", default="1,4,8", help="concurrent client counts, comma-separated")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per answer")
+    parser.add_argument("--turns", type=int, default=10, help="conversation turn compared with turn 1")
+    parser.add_argument("--quick", action="store_true", help="one repetition of everything (smoke test)")
+    args = parser.parse_args(argv)
+    args.clients = sorted({int(part) for part in args.clients.split(",") if part.strip()})
+    if not args.clients or min(args.clients) < 1 or args.threads < 1 or args.tokens < 2 or args.turns < 2:
+        parser.error("--clients and --threads must be positive, --tokens and --turns at least 2")
+    args.reps = 1 if args.quick else 5
+    return args
+
+
+def fmt(value: float) -> str:
+    """Three significant-ish digits: first-token times are tens of milliseconds, rates tens of tokens."""
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def single_stream(raw: RawLlama, base: str, quiet: Quiet, args: argparse.Namespace) -> tuple:
+    """Decode tok/s of one stream: raw and ours run back to back as one measurement (best pair figures)."""
+    question = prompts(1, itertools.count(1))[0]  # the same question every time: only decoding is timed
+    text = raw.render(SYSTEM, question)
+    raw.generate(text, 8)  # warm-up: page in the weights for this context
+    pairs = [quiet.run(lambda: (raw.generate(text, args.tokens), ask_ours(base, question)))
+             for _ in range(args.reps + 2)]
+    return (max(stream.decode_rate for _, stream in pairs), max(run.tokens_per_second for run, _ in pairs),
+            [stream.tokens for _, stream in pairs])
+
+
+def summarize(runs: list[list[Stream]]) -> tuple[float, float, list[int]]:
+    """Best aggregate tok/s and best worst-first-token time over repetitions, and every answer's length."""
+    figures = [aggregate(streams) for streams in runs]
+    return (max(rate for rate, _, _ in figures), min(worst for _, worst, _ in figures),
+            [stream.tokens for streams in runs for stream in streams])
+
+
+def concurrency(sides: dict[str, Callable[[str], Stream]], quiet: Quiet, args: argparse.Namespace) -> dict:
+    """Each repetition runs every client count on each side in turn, so slow spells of the machine hit both."""
+    # One question counter per side: both sides get the same new questions unless a run had to be repeated.
+    serials = {side: itertools.count(CONCURRENT_FROM) for side in sides}
+    for ask in sides.values():
+        ask(prompts(1, itertools.count(1))[0])  # warm-up
+    runs: dict[tuple[str, int], list[list[Stream]]] = {(side, n): [] for side in sides for n in args.clients}
+    for _ in range(args.reps):
+        for clients in args.clients:
+            for side, ask in sides.items():
+                runs[side, clients].append(quiet.run(
+                    lambda ask=ask, side=side, clients=clients: run_together(ask, prompts(clients, serials[side]))))
+    return {key: summarize(value) for key, value in runs.items()}
+
+
+def conversation(base: str, questions: list[str]) -> list[Stream]:
+    """One socket, one conversation, one question per turn."""
+    client = SocketClient(base, "bench")
+    try:
+        return [client.ask(question) for question in questions]
+    finally:
+        client.close()
+
+
+def conversation_ttft(base: str, quiet: Quiet, args: argparse.Namespace) -> tuple[float, float, list[int]]:
+    """First-token time at turn 1 and at turn ``--turns`` of fresh conversations (best of each)."""
+    serial = itertools.count(2000)
+    runs = [quiet.run(lambda: conversation(base, prompts(args.turns, serial))) for _ in range(args.reps)]
+    return (min(streams[0].ttft for streams in runs), min(streams[-1].ttft for streams in runs),
+            [stream.tokens for streams in runs for stream in streams])
+
+
+def measure(ours: Server, peer: Server, raw: RawLlama, quiet: Quiet, args: argparse.Namespace) -> dict:
+    """Every row; the peer is asked the prompt text our chat format renders, so both read the same tokens."""
+    sides = {"ours": lambda question: ask_ours(ours.base, question),
+             "peer": lambda question: ask_peer(peer.base, raw.render(SYSTEM, question), args.tokens)}
+    print(f"bench: {', '.join(map(str, args.clients))} concurrent clients, both sides", file=sys.stderr)
+    results = concurrency(sides, quiet, args)
+    print("bench: single stream, ours and raw llama.cpp", file=sys.stderr)
+    results["single"] = single_stream(raw, ours.base, quiet, args)
+    print(f"bench: conversations of {args.turns} turns", file=sys.stderr)
+    results["turns"] = conversation_ttft(ours.base, quiet, args)
+    return results
+
+
+def verdict(met: bool | None) -> str:
+    return "—" if met is None else "yes" if met else "**no**"
+
+
+def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
+    """The table: ratios are ours / reference; targets from docs/BENCHMARKS.md."""
+    our_rate, raw_rate, _ = results["single"]
+    ratio = our_rate / raw_rate
+    rows = [Row("single-stream decode, tok/s (vs raw llama.cpp)", fmt(our_rate), fmt(raw_rate),
+                f"{ratio:.2f}x", ">= 0.95x", ratio >= 0.95)]
+    for clients in args.clients:
+        (rate, worst, _), (peer_rate, peer_worst, _) = results["ours", clients], results["peer", clients]
+        final = clients == 8  # the targets are set for eight simultaneous users
+        who = f"{clients} client{'s' if clients > 1 else ''}"
+        rows.append(Row(f"{who}: aggregate tok/s (vs llama_cpp.server)", fmt(rate), fmt(peer_rate),
+                        f"{rate / peer_rate:.2f}x", ">= 1.5x" if final else "",
+                        rate / peer_rate >= 1.5 if final else None))
+        rows.append(Row(f"{who}: worst first token, s", fmt(worst), fmt(peer_worst),
+                        f"{worst / peer_worst:.2f}x", "ours <= 2 s" if final else "",
+                        worst <= 2.0 if final else None))
+    first, last, _ = results["turns"]
+    rows.append(Row(f"first token, turn {args.turns} (ours) vs turn 1 (reference), s", fmt(last),
+                    fmt(first), f"{last / first:.2f}x", "<= 1.3x", last / first <= 1.3))
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| measurement | ours | reference | ratio | target | met? |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.measurement} | {r.ours} | {r.reference} | {r.ratio} | {r.target or '—'} | {verdict(r.met)} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def notes(results: dict, args: argparse.Namespace, model: str, quiet: Quiet) -> str:
+    """What the reader needs to trust the table: answer lengths, model, threads, how busy the machine was."""
+    def lengths(side: str) -> list[int]:  # keys are ("ours" | "peer", clients), or "single" / "turns" (ours)
+        return [n for key, value in results.items() if (key[0] if isinstance(key, tuple) else "ours") == side
+                for n in value[2]]
+
+    ours_counts, peer_counts = lengths("ours"), lengths("peer")
+    return (f"tokens per answer (asked {args.tokens}): ours {min(ours_counts)}-{max(ours_counts)}, "
+            f"llama_cpp.server {min(peer_counts)}-{max(peer_counts)}. Model {model}, {args.threads} threads, "
+            f"best of {args.reps} repetition(s). Other processes kept up to {quiet.worst_kept:.2f} of "
+            f"{os.cpu_count()} CPUs busy during the runs kept ({quiet.repeated} disturbed runs repeated).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if missing_peer_modules():
+        print(f"bench: llama_cpp.server needs {', '.join(missing_peer_modules())}: "
+              "pip install 'llama-cpp-python[server]' (the wheel already built is reused)", file=sys.stderr)
+        return 2
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter
+    settings = load_settings(None, {"LLM_CPU_THREADS": args.threads})
+    spec = ModelSpecs(settings)()
+    before = os.getloadavg()[0]
+    print(f"bench: {spec.path}, {args.threads} threads, load average {before:.2f}", file=sys.stderr)
+    raw = RawLlama(spec, settings)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-personalities-") as directory:
+            write_personality(Path(directory), SYSTEM, args.tokens)
+            # Both servers stay up (idle ones use no CPU) so their runs can be interleaved.
+            with our_server(spec.path, args.threads, Path(directory)) as ours, \
+                    peer_server(spec.path, args.threads, spec.context_window) as peer:
+                quiet = Quiet([os.getpid(), ours.process.pid, peer.process.pid])
+                results = measure(ours, peer, raw, quiet, args)
+    finally:
+        raw.close()
+    print(markdown(build_rows(results, args)))
+    print("\n" + notes(results, args, Path(spec.path).name, quiet))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
