@@ -126,7 +126,8 @@ def our_server(model: str, threads: int, personalities: Path) -> Server:
     """``python app.py`` with the bench personality, the given model file and thread count."""
     port = free_port()
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "LLM_MODEL_FILE": model,
-           "LLM_CPU_THREADS": str(threads), "LLM_PERSONALITIES_DIR": str(personalities)}
+           "LLM_CPU_THREADS": str(threads), "LLM_PERSONALITIES_DIR": str(personalities),
+           "DATABASE_URL": f"sqlite:///{personalities / 'bench.db'}"}
     return Server("ours", [sys.executable, "app.py"], env, port, "/health")
 
 
