@@ -20,7 +20,7 @@ from llm.engine import SamplingParams
 _DRY_BREAKERS = ("\n", ":", '"', "*")
 
 
-def build_sampler(params: SamplingParams, vocab, n_vocab: int, n_ctx_train: int):
+def build_sampler(params: SamplingParams, vocab, n_vocab: int):
     """A sampler chain for one request; the caller frees it with ``llama_sampler_free``."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = lambda sampler: llama_cpp.llama_sampler_chain_add(chain, sampler)  # noqa: E731
@@ -29,7 +29,7 @@ def build_sampler(params: SamplingParams, vocab, n_vocab: int, n_ctx_train: int)
                                                    params.frequency_penalty, params.presence_penalty))
     if params.dry_multiplier > 0:
         breakers = (ctypes.c_char_p * len(_DRY_BREAKERS))(*(b.encode() for b in _DRY_BREAKERS))
-        add(llama_cpp.llama_sampler_init_dry(vocab, n_ctx_train, params.dry_multiplier, params.dry_base,
+        add(llama_cpp.llama_sampler_init_dry(vocab, params.dry_multiplier, params.dry_base,
                                              params.dry_allowed_length, -1, breakers, len(_DRY_BREAKERS)))
     if params.temperature <= 0:
         add(llama_cpp.llama_sampler_init_greedy())

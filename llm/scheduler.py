@@ -338,7 +338,7 @@ class Scheduler:
     def _start(self, slot: Slot, job: Job) -> None:
         model = self.model
         job.pending = job.prompt[len(slot.tokens):]
-        job.sampler = build_sampler(job.sampling, model.vocab, model.n_vocab, model.n_ctx_train)
+        job.sampler = build_sampler(job.sampling, model.vocab, model.n_vocab)
         job.stream = TextStream(tuple(job.sampling.stop) + job.stops)
         slot.job, slot.conversation, slot.last_used = job, job.conversation, time.monotonic()
         self.counters["cache_hit_tokens"] += job.cached
