@@ -156,16 +156,3 @@ def test_prompt_too_large_is_413_with_counts(real_app):
     message = response.get_json()["error"]["message"]
     assert "tokens" in message and "1024" in message
 
-
-def test_every_shipped_personality_answers(real_app, tmp_path):
-    """The shipped personalities (their sampling settings included) work on the real engine."""
-    from app import create_app
-
-    shipped = create_app({"TESTING": True, "LLM_CONTEXT_WINDOW": 320, "DATABASE_URL": f"sqlite:///{tmp_path}/s.db"},
-                         engine=real_app.extensions["llm"].engine)
-    client = shipped.test_client()
-    names = [p["name"] for p in client.get("/personalities").get_json()["personalities"]]
-    assert len(names) >= 3
-    for name in names:
-        response = client.post(f"/gpt/{name}", json={"prompt": "Hello, who are you?"})
-        assert response.status_code == 200, (name, response.get_json())
