@@ -3,7 +3,8 @@
 llama.cpp's threads wait for each other at every step, so on a small machine one busy neighbour process can
 make a decode loop ten times slower. Each measurement is therefore timed together with the CPU time that
 processes other than the bench and its servers used meanwhile (from /proc); a disturbed one is repeated, and
-the quietest attempt is kept. Where /proc is missing the check is skipped.
+the quietest attempt is kept. When the machine stays busy (two measurements in a row found no quiet attempt)
+repeating is pointless and stops until a quiet run is seen again. Where /proc is missing nothing is checked.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Quiet:
         self.pids, self.limit, self.attempts, self.pause = pids, limit, attempts, pause
         self.enabled = os.path.exists("/proc/stat")
         self.repeated = 0
+        self.busy_streak = 0  # measurements in a row without a quiet attempt
         self.worst_kept = 0.0  # the most foreign CPU load among the attempts kept
 
     def _snapshot(self) -> tuple[float, float, float]:
@@ -59,7 +61,8 @@ class Quiet:
         if not self.enabled:
             return measure()
         best: tuple[float, T] | None = None
-        for attempt in range(self.attempts):
+        attempts = 1 if self.busy_streak >= 2 else self.attempts
+        for attempt in range(attempts):
             if attempt:
                 self.repeated += 1
                 time.sleep(self.pause)  # neighbours' work often comes in bursts: let one pass
@@ -70,6 +73,8 @@ class Quiet:
                 best = (load, result)
             if load <= self.limit:
                 break
-            print(f"bench: other processes used {load:.2f} CPUs meanwhile; measuring again", file=sys.stderr)
+            if attempt + 1 < attempts:
+                print(f"bench: other processes used {load:.2f} CPUs meanwhile; measuring again", file=sys.stderr)
+        self.busy_streak = 0 if best[0] <= self.limit else self.busy_streak + 1
         self.worst_kept = max(self.worst_kept, best[0])
         return best[1]

@@ -19,6 +19,7 @@ import argparse
 import itertools
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -41,7 +42,7 @@ TOPICS = ("lighthouses", "volcanoes", "bicycles", "glaciers", "libraries", "hone
 QUESTION = "Question {}: tell me, in great detail, everything you know about {}."
 # Every question asked of one server is new (numbered), so no answer comes from a cached copy of the same
 # question; the shared system prompt may be cached, as it would be for real users. Numbers for the
-# concurrency rows start at 1000 on both sides, so both servers answer the very same questions there.
+# concurrency rows start at 1000 on each side, so both servers answer the very same questions there.
 CONCURRENT_FROM = 1000
 
 
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
               "pip install 'llama-cpp-python[server]' (the wheel already built is reused)", file=sys.stderr)
         return 2
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter
+    # `timeout` and CI send SIGTERM: exit through the finally blocks so both servers are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     settings = load_settings(None, {"LLM_CPU_THREADS": args.threads})
     spec = ModelSpecs(settings)()
     before = os.getloadavg()[0]
