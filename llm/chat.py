@@ -26,6 +26,7 @@ from llm.models import ModelSpec
 from llm.personalities import Personality
 
 MAX_PROMPT_CHARS = 200_000
+ANONYMOUS = "anonymous"
 SUMMARY_TOKENS = 160
 
 
@@ -38,6 +39,11 @@ def check_prompt(prompt: Any) -> str:
     if "\x00" in prompt:
         raise BadRequest("The prompt contains a NUL character.", param="prompt")
     return prompt
+
+
+def sampling_for(personality: Personality, overrides: dict[str, Any] | None) -> SamplingParams:
+    """The personality's sampling settings with the request's own values on top."""
+    return SamplingParams.from_mapping({**personality.sampling, **(overrides or {})})
 
 
 @dataclass
@@ -107,18 +113,18 @@ class ChatService:
         prompt = check_prompt(prompt)
         spec = self.spec_for(personality)
         self._check_prompt_tokens(spec, prompt)
-        params = SamplingParams.from_mapping({**personality.sampling, **(sampling or {})})
+        params = sampling_for(personality, sampling)
         question, context, sources, notices = self._prepare(personality, spec, prompt, on_status)
         if extra_context:
             context = f"{extra_context}\n\n{context}".strip()
         user_turn = Turn("user", self._user_content(personality, question, context), display=prompt,
                          sources=sources)
-        conversation = self.store.open(conversation_id, personality.name, user or "anonymous") if remember else None
+        conversation = self.store.open(conversation_id, personality.name, user or ANONYMOUS) if remember else None
         system = system_prompt if system_prompt is not None else personality.system_prompt
         messages, trimmed = self._fit(personality, spec, conversation, system, user_turn, params)
         handle = self.engine.submit(GenerationRequest(
             model=spec, messages=messages, sampling=params, constraint=constraint,
-            conversation=conversation.id if conversation else None))
+            conversation=conversation.key if conversation else None, **self._privacy(personality, user)))
         return ActiveTurn(self, conversation, user_turn, handle, trimmed, sources, notices, personality.name, channel,
                           user)
 
@@ -132,7 +138,7 @@ class ChatService:
             raise BadRequest("'messages' must be a non-empty list.", param="messages")
         messages = [message_text(message, index) for index, message in enumerate(messages)]
         spec = self.spec_for(personality)
-        params = SamplingParams.from_mapping({**personality.sampling, **(sampling or {})})
+        params = sampling_for(personality, sampling)
         if not any(message["role"] == "system" for message in messages):
             messages.insert(0, {"role": "system", "content": personality.system_prompt})
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
@@ -144,7 +150,7 @@ class ChatService:
                                                                 None)
             messages[last_user]["content"] = self._user_content(personality, question, context)
         handle = self.engine.submit(GenerationRequest(model=spec, messages=messages, sampling=params,
-                                                      constraint=constraint))
+                                                      constraint=constraint, **self._privacy(personality, user)))
         return ActiveTurn(self, None, Turn("user", messages[-1]["content"]), handle, 0, sources, notices,
                           personality.name, channel, user)
 
@@ -153,12 +159,21 @@ class ChatService:
         """Plain text completion with a personality's model and sampling defaults (no chat formatting)."""
         personality = self.personalities.get(personality_name)
         prompt = check_prompt(prompt)
-        self._check_prompt_tokens(self.spec_for(personality), prompt)
-        params = SamplingParams.from_mapping({**personality.sampling, **(sampling or {})})
-        handle = self.engine.submit(GenerationRequest(model=self.spec_for(personality), raw_prompt=prompt,
-                                                      sampling=params))
+        spec = self.spec_for(personality)
+        self._check_prompt_tokens(spec, prompt)
+        params = sampling_for(personality, sampling)
+        handle = self.engine.submit(GenerationRequest(model=spec, raw_prompt=prompt, sampling=params,
+                                                      owner=user or ANONYMOUS))
         return ActiveTurn(self, None, Turn("user", prompt), handle, 0, personality=personality.name, channel=channel,
                           user=user)
+
+    @staticmethod
+    def _privacy(personality: Personality, user: str | None) -> dict[str, Any]:
+        """Whose text a request carries, and the part of it that is public: the personality's system prompt and the
+        template's opening of the user's turn (anyone may render those)."""
+        return {"owner": user or ANONYMOUS,
+                "public_prefix": ({"role": "system", "content": personality.system_prompt},
+                                  {"role": "user", "content": ""})}
 
     def _check_prompt_tokens(self, spec: ModelSpec, prompt: str) -> None:
         """LLM_MAX_PROMPT_TOKENS caps what one message may cost, whatever the context window allows."""
@@ -228,7 +243,8 @@ class ChatService:
         if conversation.summary:
             transcript = f"Earlier summary: {conversation.summary}\n{transcript}"
         request = GenerationRequest(
-            model=spec, sampling=SamplingParams(temperature=0, max_tokens=SUMMARY_TOKENS, repeat_penalty=1.1),
+            model=spec, owner=conversation.user,
+            sampling=SamplingParams(temperature=0, max_tokens=SUMMARY_TOKENS, repeat_penalty=1.1),
             messages=[{"role": "user", "content": "Summarise this conversation in at most three sentences, "
                                                   f"keeping names, numbers and decisions:\n\n{transcript[-8000:]}"}])
         return self.engine.submit(request).text().strip()

@@ -11,6 +11,7 @@ which is what lets the engine reuse a conversation's cache.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +24,12 @@ from llm.errors import ConfigError
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
 
+# Stand-ins for message content while a template renders: private-use characters no template writes, padded
+# with a paragraph separator that trimming templates strip (so we know to strip the content the same way).
+_PAD = "\u2029"
+_SENTINEL = re.compile("\u2029?\ue000(\\d+)\ue001\u2029?")
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     """Renders messages to text; ``stops`` are extra stop strings for models whose end-of-turn is not EOG."""
@@ -30,6 +37,24 @@ class ChatFormat:
     name: str
     render: Callable[[Sequence[Message], bool], str]
     stops: tuple[str, ...] = ()
+
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        """The rendered prompt as ``(text, trusted)`` pieces: the template's own text is trusted (its turn markers
+        become special tokens); every message's content is not, so text a user, a fetched page or a client's
+        history writes as ``<|im_end|>`` stays plain text and cannot forge a turn.
+
+        The template renders stand-ins for the contents, so its markers are found wherever the template puts them.
+        """
+        marked = [{**m, "content": f"{_PAD}\ue000{i}\ue001{_PAD}"} for i, m in enumerate(messages)]
+        text = self.render(marked, add_generation_prompt)
+        pieces, position = [], 0
+        for match in _SENTINEL.finditer(text):
+            content = messages[int(match[1])].get("content") or ""
+            padded = match.group().startswith(_PAD) and match.group().endswith(_PAD)
+            pieces += [(text[position:match.start()], True), (content if padded else content.strip(), False)]
+            position = match.end()
+        pieces.append((text[position:], True))
+        return [(piece, trusted) for piece, trusted in pieces if piece]
 
 
 def _merge_system(messages: Sequence[Message]) -> list[Message]:
@@ -101,8 +126,8 @@ def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
-def template_format(template: str, bos_token: str, eos_token: str) -> ChatFormat:
-    """A ChatFormat from a GGUF's Jinja template, rendered in a sandbox."""
+def template_format(template: str, bos_token: str, eos_token: str, adds_bos: bool = True) -> ChatFormat:
+    """A ChatFormat from a GGUF's Jinja template, rendered in a sandbox; ``adds_bos``: the tokenizer adds BOS."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:
@@ -113,14 +138,16 @@ def template_format(template: str, bos_token: str, eos_token: str) -> ChatFormat
     def render(messages: Sequence[Message], add_generation_prompt: bool) -> str:
         text = compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                bos_token=bos_token, eos_token=eos_token)
-        # The tokenizer adds BOS itself when the vocabulary asks for it; never twice.
-        return text[len(bos_token):] if bos_token and text.startswith(bos_token) else text
+        # The tokenizer adds BOS itself when the vocabulary asks for it; never twice. (SmolLM2's BOS text is
+        # <|im_start|> and its vocabulary adds none: there the template's first marker must stay.)
+        return text[len(bos_token):] if adds_bos and bos_token and text.startswith(bos_token) else text
 
     stops = (eos_token,) if eos_token else ()
     return ChatFormat("template", render, stops)
 
 
-def choose_format(metadata: dict[str, str], override: str | None, bos_token: str, eos_token: str) -> ChatFormat:
+def choose_format(metadata: dict[str, str], override: str | None, bos_token: str, eos_token: str,
+                  adds_bos: bool = True) -> ChatFormat:
     """Pick the chat format: explicit override, then the GGUF template, then the architecture."""
     if override:
         if override not in BUILTIN_FORMATS:
@@ -128,7 +155,7 @@ def choose_format(metadata: dict[str, str], override: str | None, bos_token: str
         return BUILTIN_FORMATS[override]
     template = metadata.get("tokenizer.chat_template")
     if template:
-        return template_format(template, bos_token, eos_token)
+        return template_format(template, bos_token, eos_token, adds_bos)
     architecture = metadata.get("general.architecture", "")
     if architecture in ARCHITECTURE_FORMATS:
         return BUILTIN_FORMATS[ARCHITECTURE_FORMATS[architecture]]

@@ -67,6 +67,10 @@ class GenerationRequest:
     constraint: JsonConstraint | None = None
     conversation: str | None = None  # cache key: follow-up turns reuse this conversation's cached tokens
     raw_prompt: str | None = None  # plain completion instead of chat messages
+    # Whose text this is: cached tokens are shared across owners only up to the rendering of ``public_prefix``
+    # (the personality's own system prompt), so no user's prompt can be probed through another's cache.
+    owner: str | None = None
+    public_prefix: Sequence[Message] = ()
 
 
 @dataclass

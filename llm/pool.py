@@ -20,7 +20,7 @@ from llm.engine import GenerationRequest, Handle, Message
 from llm.errors import Overloaded, PayloadTooLarge
 from llm.model import LoadedModel
 from llm.models import ModelSpec
-from llm.scheduler import Job, Scheduler
+from llm.scheduler import Job, Scheduler, common_prefix
 from llm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,16 +104,23 @@ class ModelPool:
 
     # ----- the Engine interface --------------------------------------------------------------------------
 
-    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+    @staticmethod
+    def _prompt_tokens(worker: Worker, request: GenerationRequest) -> list[int]:
         """The tokens the model will read for this request."""
-        worker = self._worker(request.model)
         if request.raw_prompt is not None:
             return worker.model.tokenize(request.raw_prompt)
-        return worker.model.tokenize(worker.model.render(request.messages))
+        return worker.model.tokenize_messages(request.messages)
+
+    @staticmethod
+    def _public_tokens(worker: Worker, request: GenerationRequest, tokens: list[int]) -> int:
+        """How many leading prompt tokens anyone may share: those of the personality's own system prompt."""
+        if not request.public_prefix or request.raw_prompt is not None:
+            return 0
+        return common_prefix(worker.model.tokenize_messages(request.public_prefix, False), tokens)
 
     def submit(self, request: GenerationRequest) -> Handle:
         worker = self._worker(request.model)
-        tokens = self.prompt_tokens(request)
+        tokens = self._prompt_tokens(worker, request)
         window = request.model.context_window
         if len(tokens) >= window:
             raise PayloadTooLarge(
@@ -128,16 +135,16 @@ class ModelPool:
         handle = Handle(timeout=self.settings.request_timeout)
         job = Job(handle=handle, prompt=tokens, sampling=sampling, window=window,
                   conversation=request.conversation, constraint=constraint,
-                  stops=worker.model.chat_format.stops)
+                  stops=worker.model.chat_format.stops, owner=request.owner,
+                  public=self._public_tokens(worker, request, tokens))
         worker.scheduler.submit(job)
         return handle
 
     def count_tokens(self, model: ModelSpec, messages: Sequence[Message]) -> int:
-        worker = self._worker(model)
-        return len(worker.model.tokenize(worker.model.render(messages)))
+        return len(self._worker(model).model.tokenize_messages(messages))
 
     def count_text_tokens(self, model: ModelSpec, text: str) -> int:
-        return len(self._worker(model).model.tokenize(text, add_special=False))
+        return len(self._worker(model).model.tokenize_plain(text))
 
     def forget(self, conversation: str) -> None:
         with self._lock:

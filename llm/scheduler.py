@@ -48,6 +48,8 @@ class Job:
     window: int
     conversation: str | None
     constraint: object | None = None  # a ConstraintState (llm.constraints) or None
+    owner: str | None = None
+    public: int = 0  # leading prompt tokens that are not private to the owner (the personality's system prompt)
     stops: tuple[str, ...] = ()
     pending: list[int] = field(default_factory=list)
     next_token: int | None = None
@@ -66,6 +68,7 @@ class Slot:
     seq_id: int
     tokens: list[int] = field(default_factory=list)
     conversation: str | None = None
+    owner: str | None = None  # whose text the cells hold beyond the public prefix
     last_used: float = 0.0
     job: Job | None = None
 
@@ -77,6 +80,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while index < limit and a[index] == b[index]:
         index += 1
     return index
+
+
+def reusable(slot: Slot, job: Job) -> int:
+    """Cached tokens of a stream the job may reuse: all it shares with its owner's own text, else only the
+    public prefix, so neither the answer nor its timing or cache figures depend on another user's prompt."""
+    shared = common_prefix(slot.tokens, job.prompt)
+    return shared if slot.owner == job.owner else min(shared, job.public)
 
 
 class SuspendedStore:
@@ -119,12 +129,11 @@ class Scheduler:
         self.parallel = settings.parallel
         self.queue_size = settings.queue_size
         self.batch_tokens = settings.batch_tokens
-        self.window = model.spec.context_window
         # One stream per parallel sequence, each able to hold a whole context window.
-        self.cache_tokens = max(settings.cache_tokens, self.window * self.parallel)
-        self.ctx = self._new_context(settings, self.parallel)
+        self.cache_tokens = max(settings.cache_tokens, model.spec.context_window * self.parallel)
+        self.n_batch = self.batch_tokens + self.parallel  # a prompt chunk plus one token per generating stream
+        self.ctx = self._new_context(settings)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.n_batch = self.batch_tokens + self.parallel
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.slots = [Slot(seq_id) for seq_id in range(self.parallel)]
         self.suspended = SuspendedStore(settings.suspend_mb * 1024 * 1024)
@@ -138,11 +147,11 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{model.spec.name}", daemon=True)
         self._thread.start()
 
-    def _new_context(self, settings: Settings, n_slots: int):
+    def _new_context(self, settings: Settings):
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.cache_tokens
-        params.n_batch = params.n_ubatch = self.batch_tokens + self.parallel
-        params.n_seq_max = n_slots
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_seq_max = self.parallel
         params.n_threads = params.n_threads_batch = settings.cpu_threads
         params.kv_unified = False  # a stream per sequence: attention covers only that sequence's cells
         params.swa_full = True  # sliding-window models keep full history so cached prefixes can be reused
@@ -159,8 +168,7 @@ class Scheduler:
         with self._cond:
             if not self._running:
                 raise ServiceError("The model is being unloaded; please retry.")
-            busy = sum(1 for slot in self.slots if slot.job is not None)
-            if busy + len(self._queue) >= self.parallel + self.queue_size:
+            if len(self._active()) + len(self._queue) >= self.parallel + self.queue_size:
                 raise Overloaded()
             self._queue.append(job)
             self._cond.notify()
@@ -173,13 +181,16 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self._queue) or any(slot.job is not None for slot in self.slots)
+        return bool(self._queue or self._active())
+
+    def _active(self) -> list[Slot]:
+        """The streams generating an answer right now."""
+        return [slot for slot in self.slots if slot.job is not None]
 
     def stats(self) -> dict:
-        active = [slot for slot in self.slots if slot.job is not None]
         return {
             "queue_depth": len(self._queue),
-            "active_sequences": len(active),
+            "active_sequences": len(self._active()),
             "cached_conversations": sum(1 for slot in self.slots if slot.conversation and not slot.job),
             "suspended_conversations": len(self.suspended),
             "cache_tokens_used": self._cells_used(),
@@ -193,7 +204,7 @@ class Scheduler:
             self._running = False
             self._cond.notify()
         self._thread.join(timeout=30)
-        for job in list(self._queue) + [slot.job for slot in self.slots if slot.job]:
+        for job in list(self._queue) + [slot.job for slot in self._active()]:
             job.handle.fail(ServiceError("The model was unloaded."))
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
@@ -203,7 +214,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while self._running and not self._queue and not self._forget and not self._has_active():
+                while self._running and not self._queue and not self._forget and not self._active():
                     self._cond.wait()
                 if not self._running:
                     return
@@ -217,9 +228,6 @@ class Scheduler:
                 log.exception("scheduler step failed")
                 self._fail_active(GenerationFailed(f"The engine failed: {exc}"))
             self.last_step = time.monotonic()
-
-    def _has_active(self) -> bool:
-        return any(slot.job is not None for slot in self.slots)
 
     def _forget_conversations(self, conversations: set[str]) -> None:
         for conversation in conversations:
@@ -240,25 +248,21 @@ class Scheduler:
             job.handle.finish("cancelled", Usage(prompt_tokens=len(job.prompt)))
 
     def _admit(self) -> None:
-        while sum(1 for slot in self.slots if slot.job is not None) < self.parallel:
+        while len(self._active()) < self.parallel:  # so an idle stream exists for the next job
             with self._cond:
                 if not self._queue:
                     return
                 job = self._queue[0]
             slot = self._place(job)
-            if slot is None:
-                return  # not enough cache until running answers finish
             with self._cond:  # leave the queue and take the slot at once, so submit() never undercounts
                 self._queue.popleft()
                 slot.job = job
             self._start(slot, job)
 
-    def _place(self, job: Job) -> Slot | None:
+    def _place(self, job: Job) -> Slot:
         """Choose the stream for a job, keeping the longest cached prefix of its prompt in it."""
         target = self._target_slot(job)
-        if target is None:
-            return None
-        own = common_prefix(target.tokens, job.prompt)
+        own = reusable(target, job)
         saved = self.suspended.peek_tokens(job.conversation) if job.conversation else None
         if saved and common_prefix(saved, job.prompt) > own:
             self._evict(target)
@@ -276,17 +280,14 @@ class Scheduler:
         job.cached = keep
         return target
 
-    def _target_slot(self, job: Job) -> Slot | None:
+    def _target_slot(self, job: Job) -> Slot:
         """The job's own conversation's stream, else the idle stream sharing most of its prompt (LRU on ties)."""
         idle = [slot for slot in self.slots if slot.job is None]
-        if not idle:
-            return None
         if job.conversation:
             for slot in idle:
                 if slot.conversation == job.conversation:
                     return slot
-        return max(idle, key=lambda slot: (common_prefix(slot.tokens, job.prompt), slot.conversation is None,
-                                           -slot.last_used))
+        return max(idle, key=lambda slot: (reusable(slot, job), slot.conversation is None, -slot.last_used))
 
     def _cells_used(self) -> int:
         return sum(len(slot.tokens) for slot in self.slots)
@@ -333,20 +334,20 @@ class Scheduler:
 
     def _clear(self, slot: Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
-        slot.tokens, slot.conversation = [], None
+        slot.tokens, slot.conversation, slot.owner = [], None, None
 
     def _start(self, slot: Slot, job: Job) -> None:
         model = self.model
         job.pending = job.prompt[len(slot.tokens):]
         job.sampler = build_sampler(job.sampling, model.vocab, model.n_vocab)
         job.stream = TextStream(tuple(job.sampling.stop) + job.stops)
-        slot.job, slot.conversation, slot.last_used = job, job.conversation, time.monotonic()
+        slot.job, slot.conversation, slot.owner, slot.last_used = job, job.conversation, job.owner, time.monotonic()
         self.counters["cache_hit_tokens"] += job.cached
         self.counters["prompt_tokens"] += len(job.prompt)
 
     def _step(self) -> None:
         """Fill one batch, decode it, sample every sequence that produced logits."""
-        active = [slot for slot in self.slots if slot.job is not None]
+        active = self._active()
         if not active:
             return
         batch, rows, budget = self.batch, [], self.batch_tokens
@@ -391,8 +392,7 @@ class Scheduler:
         if result == 0:
             return True
         self._rollback_batch()
-        active = [slot for slot in self.slots if slot.job is not None]
-        newest = max(active, key=lambda slot: slot.job.submitted)
+        newest = max(self._active(), key=lambda slot: slot.job.submitted)
         log.warning("llama_decode returned %d; failing the newest request", result)
         self._finish(newest, "error", Overloaded("The model could not take this request now; please retry."))
         return False
@@ -466,7 +466,6 @@ class Scheduler:
                      time_to_first_token=ttft, tokens_per_second=rate)
 
     def _fail_active(self, error: ServiceError) -> None:
-        for slot in self.slots:
-            if slot.job is not None:
-                self._finish(slot, "error", error)
-                self._clear(slot)
+        for slot in self._active():
+            self._finish(slot, "error", error)
+            self._clear(slot)

@@ -48,14 +48,14 @@ def test_gpt_answers_with_real_model_deterministically(real_app):
     text = first.get_data(as_text=True)
     assert text.strip()
     assert text == second.get_data(as_text=True)
-    # Gemma turns, never llama-2's [INST] guess.
+    # The model's own ChatML template, never llama-2's [INST] guess.
     assert "[INST]" not in text and "<<SYS>>" not in text
     assert first.headers["X-Finish-Reason"] in ("stop", "length")
 
 
-def test_chat_format_is_gemma(real_app):
+def test_chat_format_comes_from_the_gguf_template(real_app):
     info = real_app.extensions["llm"].engine.describe(real_app.extensions["llm"].specs())
-    assert info["architecture"] == "gemma3" and info["chat_format"] == "gemma"
+    assert info["architecture"] == "llama" and info["chat_format"] == "template"
 
 
 def test_stop_string_cuts_answer(real_app):
@@ -79,12 +79,12 @@ WORDS = ["apple", "river", "castle", "guitar", "planet", "pepper", "violet", "ro
 def test_eight_concurrent_requests_each_get_their_own_answer(real_app):
     """Eight clients at once: each answer is complete and made from its own prompt, never another's.
 
-    The base model tends to repeat a word it is given, so each client sends a different word; an answer that
-    contains another client's word would mean sequences leaked into each other in the batch."""
+    Each client asks for a different word to be written out; an answer that contains another client's word would
+    mean sequences leaked into each other in the batch."""
     together: dict[int, tuple[int, str]] = {}
 
     def run(index: int) -> None:
-        prompt = " ".join([WORDS[index]] * 12)
+        prompt = f"Write the word {WORDS[index]} three times."
         response = real_app.test_client().get("/gpt/greedy", query_string={"prompt": prompt})
         together[index] = (response.status_code, response.get_data(as_text=True))
 
@@ -97,7 +97,7 @@ def test_eight_concurrent_requests_each_get_their_own_answer(real_app):
     for index, (_, answer) in together.items():
         strangers = [word for word in WORDS if word != WORDS[index] and word in answer.lower()]
         assert not strangers, (index, answer)
-    assert sum(WORDS[index] in answer.lower() for index, (_, answer) in together.items()) >= 4
+    assert sum(WORDS[index] in answer.lower() for index, (_, answer) in together.items()) >= 6
     wait_idle(real_app)
 
 
