@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import json
 import math
 import re
@@ -18,7 +19,9 @@ from typing import Any
 import jsonschema
 import llguidance
 from jsonschema import validators
+from jsonschema.exceptions import ValidationError
 
+from llm import safe_regex
 from llm.errors import BadRequest, GenerationFailed, Unprocessable
 
 # Keywords the grammar engine cannot enforce. llguidance reports most of them itself, but listing them here
@@ -155,29 +158,32 @@ def normalise(schema: Any) -> Any:
     return schema
 
 
-def _regex_errors(schema: Any) -> tuple[list[str], list[str]]:
-    """Patterns neither Python nor llguidance can parse (broken), and ones only llguidance can (unverifiable)."""
-    broken, unverifiable = [], []
+def _patterns(schema: Any) -> Iterator[tuple[str, str]]:
+    """Every regex in a schema with the keyword it came from (pattern, patternProperties)."""
     for node in subschemas(schema):
-        patterns = list(node.get("patternProperties", {})) if isinstance(node.get("patternProperties"), dict) else []
-        patterns += [node["pattern"]] if isinstance(node.get("pattern"), str) else []
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except (re.error, OverflowError, RecursionError):
-                grammar = llguidance.LLMatcher.grammar_from_regex(pattern)
-                (unverifiable if not llguidance.LLMatcher.validate_grammar(grammar) else broken).append(pattern)
-    return broken, unverifiable
+        if isinstance(node.get("patternProperties"), dict):
+            yield from (("patternProperties key", pattern) for pattern in node["patternProperties"])
+        if isinstance(node.get("pattern"), str):
+            yield "pattern", node["pattern"]
+
+
+def _parses_anywhere(pattern: str) -> bool:
+    """Whether Python's parser or the grammar engine's reads the pattern (compiling never runs it: no ReDoS)."""
+    try:
+        re.compile(pattern)
+        return True
+    except (re.error, OverflowError, RecursionError):
+        return not llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_regex(pattern))
 
 
 def check_patterns(schema: Any) -> None:
-    """400 for a regex that is not a regex; 422 for one the answer validator (Python ``re``) cannot run."""
-    broken, unverifiable = _regex_errors(schema)
-    if broken:
-        raise BadRequest(f"The schema has an invalid regular expression: {broken[0]!r}", param="schema")
-    if unverifiable:
-        raise Unprocessable(f"The pattern {unverifiable[0]!r} uses regex syntax (such as \\p{{...}}) that the "
-                            "answer validator cannot check.", param="schema")
+    """400 for a regex that is not a regex; 422 for one the answer validator cannot run in linear time (RE2)."""
+    for where, pattern in _patterns(schema):
+        if safe_regex.is_valid(pattern):
+            continue
+        if not _parses_anywhere(pattern):
+            raise BadRequest(f"The schema has an invalid regular expression in {where}: {pattern!r}", param="schema")
+        safe_regex.require(pattern, where)
 
 
 class _Shapes:
@@ -329,9 +335,52 @@ def _parse_strict(text: str) -> Any:
     return json.loads(text, parse_float=finite, parse_constant=reject)
 
 
+def _pattern(validator, pattern, instance, schema):
+    if validator.is_type(instance, "string") and not safe_regex.search(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(validator, patterns, instance, schema):
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            if safe_regex.search(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(validator, additional, instance, schema):
+    if not validator.is_type(instance, "object"):
+        return
+    known = schema.get("properties", {})
+    patterns = list(schema.get("patternProperties", {}))
+    extras = [key for key in instance
+              if key not in known and not any(safe_regex.search(pattern, key) for pattern in patterns)]
+    if validator.is_type(additional, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], additional, path=extra)
+    elif additional is False and extras:
+        yield ValidationError(f"Additional properties are not allowed ({', '.join(map(repr, sorted(extras)))} "
+                              f"{'was' if len(extras) == 1 else 'were'} unexpected)")
+
+
+# Every keyword that runs a client's regex, re-implemented on RE2 (jsonschema's own use Python's backtracking re).
+_LINEAR_KEYWORDS = {"pattern": _pattern, "patternProperties": _pattern_properties,
+                    "additionalProperties": _additional_properties}
+
+
+@functools.cache
+def _linear_validator(cls: type) -> type:
+    """The draft's validator with regex keywords on RE2."""
+    return validators.extend(cls, {k: v for k, v in _LINEAR_KEYWORDS.items() if k in cls.VALIDATORS})
+
+
 def _format_checker(cls: type) -> jsonschema.FormatChecker:
-    """The draft's format checker plus RFC 3339 date-time and time, which jsonschema checks only with an extra."""
+    """The draft's format checker plus RFC 3339 date-time and time, which jsonschema checks only with an extra;
+    the ``regex`` format is checked by compiling on RE2, never on Python's re."""
     checker = copy.deepcopy(cls.FORMAT_CHECKER)
+    if "regex" in checker.checkers:
+        checker.checks("regex")(lambda value: not isinstance(value, str) or safe_regex.is_valid(value))
     for name, with_date in (("date-time", True), ("time", False)):
         if name not in checker.checkers:
             checker.checks(name)(lambda value, with_date=with_date: _is_rfc3339(value, with_date))
@@ -372,7 +421,8 @@ def validate_output(schema: dict | bool | None, text: str) -> Any:
         return value
     cls = _validator_class(schema)
     try:
-        error = jsonschema.exceptions.best_match(cls(schema, format_checker=_format_checker(cls)).iter_errors(value))
+        validator = _linear_validator(cls)(schema, format_checker=_format_checker(cls))
+        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
     except RecursionError:
         raise GenerationFailed("The model's answer is nested too deeply to check.") from None
     if error is not None:
