@@ -8,6 +8,7 @@ stay out, so the prompt prefix stays stable from turn to turn.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Any
 from llm.errors import BadRequest
 
 MAX_ID_LENGTH = 128
+# Safe in URLs, headers and file names, and wide enough for the reference clients' "urn:uuid:..." keys.
+ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:~-]{{0,{MAX_ID_LENGTH - 1}}}", re.ASCII)
 
 
 @dataclass
@@ -36,7 +39,7 @@ class Turn:
 
 @dataclass
 class Conversation:
-    id: str
+    id: str  # the id its owner knows it by (chosen by the client, or random); unique per user only
     personality: str
     turns: list[Turn] = field(default_factory=list)
     first_kept: int = 0  # turns before this index no longer reach the model
@@ -45,6 +48,8 @@ class Conversation:
     updated: float = field(default_factory=time.time)
     user: str = "anonymous"
     title: str = ""
+    key: str = ""  # the internal id: database row and engine cache key, never shared between users
+    stored: bool = True  # False until its first turn is kept: refused prompts leave no rows behind
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def messages(self) -> list[dict[str, str]]:
@@ -57,10 +62,10 @@ class Conversation:
                 "turns": [turn.public() for turn in self.turns]}
 
 
-def check_id(conversation_id: str) -> str:
-    """Client-chosen ids are free text within reason: printable, bounded."""
-    if not isinstance(conversation_id, str) or not conversation_id.strip():
-        raise BadRequest("A conversation id must be a non-empty string.")
-    if len(conversation_id) > MAX_ID_LENGTH or not conversation_id.isprintable():
-        raise BadRequest(f"A conversation id must be printable and at most {MAX_ID_LENGTH} characters.")
+def check_id(conversation_id: Any) -> str:
+    """Client-chosen ids: letters, digits and ``._:~-``, at most 128 characters, so they travel unchanged in URLs,
+    headers (``X-Conversation``) and file names."""
+    if not isinstance(conversation_id, str) or not ID_PATTERN.fullmatch(conversation_id.strip()):
+        raise BadRequest(f"A conversation id must be 1 to {MAX_ID_LENGTH} characters: letters, digits and . _ : ~ - "
+                         "(starting with a letter or digit).", param="session")
     return conversation_id.strip()

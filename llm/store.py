@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.conversations import Conversation, Turn, check_id
-from llm.errors import BadRequest, ConfigError, NotFound
+from llm.errors import BadRequest, ConfigError, NotFound, ServiceError
 
 # Each entry migrates the schema from version i to i + 1. Never edit a released entry: append a new one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -40,10 +40,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             trimmed BOOLEAN NOT NULL DEFAULT FALSE, rating INTEGER, feedback_comment TEXT, feedback_at DOUBLE PRECISION,
             created DOUBLE PRECISION NOT NULL, UNIQUE (conversation_id, position))""",
     ),
+    (  # ids are scoped per user: "id" is internal, "client_id" what the owner calls it (unique per owner)
+        "ALTER TABLE conversations ADD COLUMN client_id TEXT",
+        "UPDATE conversations SET client_id = id",
+        "CREATE UNIQUE INDEX conversations_owner_id ON conversations (user_id, client_id)",
+    ),
 )
 
 TITLE_LENGTH = 60
 log = logging.getLogger(__name__)
+
+
+class QuotaExceeded(ServiceError):
+    status = 403
+    type = "quota_exceeded"
 
 
 class _Database:
@@ -75,6 +85,7 @@ class _Database:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
             conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable at each checkpoint, never corrupt
             conn.execute("BEGIN IMMEDIATE")
             yield _Cursor(conn.cursor(), "?")
             conn.execute("COMMIT")
@@ -109,8 +120,13 @@ class _Cursor:
 class SqlConversationStore:
     """Conversations and messages in SQLite or PostgreSQL."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, max_conversations_per_user: int = 0):
         self.db = _Database(url)
+        self.max_conversations = max_conversations_per_user
+        if self.db.kind == "sqlite":  # readers never block the writer; a crash mid-write loses nothing committed
+            connection = sqlite3.connect(self.db.path, timeout=30)
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.close()
         self._migrate()
 
     def _migrate(self) -> None:
@@ -133,53 +149,73 @@ class SqlConversationStore:
     # ----- conversations ---------------------------------------------------------------------------------
 
     def open(self, conversation_id: str | None, personality: str, user: str = "anonymous") -> Conversation:
-        """The conversation with this id, read fresh (created if new; a random id when None)."""
-        conversation_id = check_id(conversation_id) if conversation_id is not None else uuid.uuid4().hex
-        now = time.time()
+        """The user's conversation with this id, read fresh; a new one (a random id when None) is only stored with
+        its first turn. Another user's conversation of the same id is a different conversation."""
+        client_id = check_id(conversation_id) if conversation_id is not None else uuid.uuid4().hex
         with self.db.transaction() as cur:
-            row = cur.execute("SELECT personality, user_id FROM conversations WHERE id = ?", (conversation_id,)).one()
+            row = cur.execute("SELECT id, personality FROM conversations WHERE user_id = ? AND client_id = ?",
+                              (user, client_id)).one()
             if row is None:
-                cur.execute("INSERT INTO conversations (id, personality, user_id, created, updated) VALUES "
-                            "(?, ?, ?, ?, ?)", (conversation_id, personality, user, now, now))
-            elif row[1] != user:
-                raise BadRequest(f"Conversation id '{conversation_id}' is taken; choose another.")
-            elif row[0] != personality:
-                raise BadRequest(f"Conversation '{conversation_id}' belongs to personality '{row[0]}', "
+                self._check_quota(cur, user)
+                return Conversation(client_id, personality, user=user, key=uuid.uuid4().hex, stored=False)
+            if row[1] != personality:
+                raise BadRequest(f"Conversation '{client_id}' belongs to personality '{row[1]}', "
                                  f"not '{personality}'.")
-            return self._load(cur, conversation_id)
+            return self._load(cur, row[0])
+
+    def _check_quota(self, cur, user: str) -> None:
+        if not self.max_conversations:
+            return
+        count = cur.execute("SELECT COUNT(*) FROM conversations WHERE user_id = ?", (user,)).one()[0]
+        if count >= self.max_conversations:
+            raise QuotaExceeded(f"You have {count} conversations, the most this service keeps per user "
+                                "(LLM_MAX_CONVERSATIONS_PER_USER); delete some to start new ones.")
 
     def get(self, conversation_id: str, user: str = "anonymous") -> Conversation:
         with self.db.transaction() as cur:
-            self._owned(cur, conversation_id, user)
-            return self._load(cur, conversation_id)
+            return self._load(cur, self._owned(cur, conversation_id, user))
 
-    def _owned(self, cur, conversation_id: str, user: str) -> None:
-        row = cur.execute("SELECT user_id FROM conversations WHERE id = ?", (conversation_id,)).one()
-        if row is None or row[0] != user:
+    def _owned(self, cur, conversation_id: str, user: str) -> str:
+        """The internal id of the user's conversation; 404 for anyone else's, exactly as for none at all."""
+        row = cur.execute("SELECT id FROM conversations WHERE user_id = ? AND client_id = ?",
+                          (user, conversation_id)).one()
+        if row is None:
             raise NotFound(f"Unknown conversation '{conversation_id}'.")
+        return row[0]
 
-    def _load(self, cur, conversation_id: str) -> Conversation:
-        row = cur.execute("SELECT personality, user_id, title, created, updated, first_kept, summary "
-                          "FROM conversations WHERE id = ?", (conversation_id,)).one()
+    def _load(self, cur, key: str) -> Conversation:
+        row = cur.execute("SELECT personality, user_id, title, created, updated, first_kept, summary, client_id "
+                          "FROM conversations WHERE id = ?", (key,)).one()
         turns = [
             Turn(role, content, display, json.loads(sources), message_id=ident, rating=rating, comment=comment)
             for ident, role, content, display, sources, rating, comment in cur.execute(
                 "SELECT id, role, content, display, sources, rating, feedback_comment FROM messages "
                 "WHERE conversation_id = ? "
-                "ORDER BY position", (conversation_id,)).all()
+                "ORDER BY position", (key,)).all()
         ]
-        return Conversation(conversation_id, row[0], turns=turns, first_kept=row[5], summary=row[6],
-                            created=row[3], updated=row[4], user=row[1], title=row[2])
+        return Conversation(row[7], row[0], turns=turns, first_kept=row[5], summary=row[6], created=row[3],
+                            updated=row[4], user=row[1], title=row[2], key=key)
+
+    def _create(self, cur, conversation: Conversation, now: float) -> None:
+        """Store a new conversation with its first turn; if the same user created it meanwhile, join that one."""
+        cur.execute("INSERT INTO conversations (id, client_id, personality, user_id, created, updated) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, client_id) DO NOTHING",
+                    (conversation.key, conversation.id, conversation.personality, conversation.user, now, now))
+        conversation.key = cur.execute("SELECT id FROM conversations WHERE user_id = ? AND client_id = ?",
+                                       (conversation.user, conversation.id)).one()[0]
+        conversation.stored = True
 
     def append(self, conversation: Conversation, turns: Sequence[Turn], usage: dict[str, Any] | None = None) -> None:
         """Add turns (with the assistant's usage figures) and the conversation's trimming state."""
         usage = usage or {}
         now = time.time()
         with self.db.transaction() as cur:
+            if not conversation.stored:
+                self._create(cur, conversation, now)
             if self.db.kind == "postgresql":
-                cur.execute("SELECT id FROM conversations WHERE id = ? FOR UPDATE", (conversation.id,))
+                cur.execute("SELECT id FROM conversations WHERE id = ? FOR UPDATE", (conversation.key,))
             row = cur.execute("SELECT COALESCE(MAX(position), -1) FROM messages WHERE conversation_id = ?",
-                              (conversation.id,)).one()
+                              (conversation.key,)).one()
             position = row[0] + 1
             for turn in turns:
                 figures = usage if turn.role == "assistant" else {}
@@ -187,7 +223,7 @@ class SqlConversationStore:
                     "INSERT INTO messages (conversation_id, position, role, content, display, prompt_tokens, "
                     "completion_tokens, time_to_first_token, tokens_per_second, sources, created) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                    (conversation.id, position, turn.role, turn.content, turn.display,
+                    (conversation.key, position, turn.role, turn.content, turn.display,
                      figures.get("prompt_tokens"), figures.get("completion_tokens"),
                      figures.get("time_to_first_token"), figures.get("tokens_per_second"),
                      json.dumps(turn.sources), now)).one()
@@ -195,9 +231,9 @@ class SqlConversationStore:
                 position += 1
             title = conversation.title or self._title(turns)
             cur.execute("UPDATE conversations SET updated = ?, first_kept = ?, summary = ?, title = ? WHERE id = ?",
-                        (now, conversation.first_kept, conversation.summary, title, conversation.id))
+                        (now, conversation.first_kept, conversation.summary, title, conversation.key))
             cur.execute("UPDATE messages SET trimmed = TRUE WHERE conversation_id = ? AND position < ?",
-                        (conversation.id, conversation.first_kept))
+                        (conversation.key, conversation.first_kept))
         conversation.updated, conversation.title = now, title
 
     @staticmethod
@@ -210,7 +246,7 @@ class SqlConversationStore:
         """The user's conversations with at least one message, most recently updated first."""
         with self.db.transaction() as cur:
             rows = cur.execute(
-                "SELECT c.id, c.personality, c.title, c.created, c.updated, "
+                "SELECT c.client_id, c.personality, c.title, c.created, c.updated, "
                 "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) "
                 "FROM conversations c WHERE c.user_id = ? "
                 "AND EXISTS (SELECT 1 FROM messages e WHERE e.conversation_id = c.id) "
@@ -221,17 +257,19 @@ class SqlConversationStore:
 
     def rename(self, conversation_id: str, user: str, title: str) -> None:
         with self.db.transaction() as cur:
-            self._owned(cur, conversation_id, user)
-            cur.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
+            key = self._owned(cur, conversation_id, user)
+            cur.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, key))
 
-    def delete(self, conversation_id: str, user: str) -> None:
+    def delete(self, conversation_id: str, user: str) -> str:
+        """Delete the user's conversation; returns its internal key (to free its engine cache)."""
         with self.db.transaction() as cur:
-            self._owned(cur, conversation_id, user)
-            cur.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
-            cur.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            key = self._owned(cur, conversation_id, user)
+            cur.execute("DELETE FROM messages WHERE conversation_id = ?", (key,))
+            cur.execute("DELETE FROM conversations WHERE id = ?", (key,))
+        return key
 
     def purge(self, older_than_days: float, now: float | None = None) -> list[str]:
-        """Delete conversations not updated for the given number of days; returns their ids."""
+        """Delete conversations not updated for the given number of days; returns their internal keys."""
         cutoff = (now or time.time()) - older_than_days * 86400
         with self.db.transaction() as cur:
             ids = [row[0] for row in cur.execute("SELECT id FROM conversations WHERE updated < ?", (cutoff,)).all()]
@@ -245,9 +283,9 @@ class SqlConversationStore:
     def feedback(self, conversation_id: str, message_id: int, user: str, rating: int, comment: str = "") -> None:
         """Thumbs up (+1) or down (-1) with an optional comment, stored with an assistant message."""
         with self.db.transaction() as cur:
-            self._owned(cur, conversation_id, user)
+            key = self._owned(cur, conversation_id, user)
             row = cur.execute("SELECT role FROM messages WHERE id = ? AND conversation_id = ?",
-                              (message_id, conversation_id)).one()
+                              (message_id, key)).one()
             if row is None or row[0] != "assistant":
                 raise NotFound(f"Unknown answer {message_id} in conversation '{conversation_id}'.")
             cur.execute("UPDATE messages SET rating = ?, feedback_comment = ?, feedback_at = ? WHERE id = ?",
@@ -255,7 +293,7 @@ class SqlConversationStore:
 
     def export_feedback(self, user: str | None = None) -> list[dict[str, Any]]:
         """Every rated answer with its question, for evaluating models from human judgement."""
-        sql = ("SELECT c.id, c.personality, c.user_id, a.id, q.content, q.display, a.content, a.rating, "
+        sql = ("SELECT c.client_id, c.personality, c.user_id, a.id, q.content, q.display, a.content, a.rating, "
                "a.feedback_comment, a.feedback_at FROM messages a JOIN conversations c ON c.id = a.conversation_id "
                "LEFT JOIN messages q ON q.conversation_id = a.conversation_id AND q.position = a.position - 1 "
                "WHERE a.rating IS NOT NULL")

@@ -61,7 +61,8 @@ def test_session_continues_conversation(client, fake_engine):
     client.get("/gpt/greedy?prompt=Two&session=abc")
     messages = fake_engine.requests[-1].messages
     assert [m["content"] for m in messages[1:]] == ["One", "First answer.", "Two"]
-    assert fake_engine.requests[-1].conversation == "abc"
+    # The engine's cache key is the conversation's internal id, never the id a client chose.
+    assert fake_engine.requests[-1].conversation == client.application.extensions["llm"].store.get("abc").key
 
 
 def test_without_session_each_prompt_stands_alone(client, fake_engine):

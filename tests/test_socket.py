@@ -67,7 +67,7 @@ def test_session_resumes_on_a_new_socket(live_fake, fake_engine):
     read_answer(ws)
     ws.close()
     request = fake_engine.requests[-1]
-    assert request.conversation == "case-42"
+    assert request.conversation == live_fake.app.extensions["llm"].store.get("case-42").key
     assert [m["content"] for m in request.messages[1:]] == ["Remember this", "Remembered.", "What did I say?"]
 
 
@@ -170,6 +170,7 @@ def test_concurrent_sockets_each_get_their_own_answer(live_fake, fake_engine, cl
     assert len(results) == clients
     # Scripts are handed out in submit order; each client must get exactly one whole scripted answer.
     assert sorted(results.values()) == sorted(f"answer-{index}" for index in range(clients))
+    store = live_fake.app.extensions["llm"].store
     by_conversation = {r.conversation: r.messages[-1]["content"] for r in fake_engine.requests}
     for index in range(clients):
-        assert by_conversation[f"client-{index}"] == f"Hello {index}"
+        assert by_conversation[store.get(f"client-{index}").key] == f"Hello {index}"

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from llm.conversations import Turn
-from llm.errors import BadRequest, NotFound
+from llm.errors import NotFound, ServiceError
 from llm.store import SqlConversationStore
 from tests.conftest import LiveServer
 
@@ -51,8 +51,9 @@ def test_users_only_see_their_own(store):
     store.append(store.open(cid, "greedy", "alice"), [Turn("user", "hi"), Turn("assistant", "hello")])
     with pytest.raises(NotFound):
         store.get(cid, "bob")
-    with pytest.raises(BadRequest):
-        store.open(cid, "greedy", "bob")
+    # Ids are scoped per user: bob's conversation of the same id is his own, empty one, never "taken".
+    bobs = store.open(cid, "greedy", "bob")
+    assert bobs.turns == [] and not bobs.stored and bobs.key != store.open(cid, "greedy", "alice").key
     assert cid in [c["id"] for c in store.list("alice")]
     assert cid not in [c["id"] for c in store.list("bob")]
     with pytest.raises(NotFound):
@@ -82,14 +83,35 @@ def test_trimmed_flag_rename_delete_feedback(store):
 
 
 def test_retention_purges_old_conversations(store):
-    old, new = unique("old"), unique("new")
-    store.open(old, "greedy", "u")
-    store.open(new, "greedy", "u")
+    kept = []
+    for cid in (unique("old"), unique("new")):
+        conversation = store.open(cid, "greedy", "u")
+        store.append(conversation, [Turn("user", "q"), Turn("assistant", "a")])
+        kept.append(conversation.key)
     import time
 
-    purged = store.purge(1, now=time.time() + 2 * 86400)
-    assert old in purged and new in purged
+    purged = store.purge(1, now=time.time() + 2 * 86400)  # internal keys: what the engine cache is keyed by
+    assert set(kept) <= set(purged)
     assert store.purge(1) == []
+
+
+def test_conversation_rows_exist_only_once_a_turn_is_kept(store):
+    cid = unique("empty")
+    store.open(cid, "greedy", "u")
+    store.open(None, "greedy", "u")
+    assert cid not in [c["id"] for c in store.list("u")]
+    with pytest.raises(NotFound):
+        store.get(cid, "u")
+
+
+def test_quota_refuses_new_conversations_beyond_it(database_url):
+    capped, user = SqlConversationStore(database_url, max_conversations_per_user=2), unique("quota")
+    for _ in range(2):
+        capped.append(capped.open(None, "greedy", user), [Turn("user", "q"), Turn("assistant", "a")])
+    with pytest.raises(ServiceError) as info:
+        capped.open(None, "greedy", user)
+    assert info.value.status == 403 and "LLM_MAX_CONVERSATIONS_PER_USER" in info.value.message
+    capped.close()
 
 
 def test_history_api_and_restart(make_app, fake_engine):
@@ -111,8 +133,9 @@ def test_history_api_and_restart(make_app, fake_engine):
     markdown = restarted.get("/conversations/hist-1/export?format=md").get_data(as_text=True)
     assert markdown.startswith("# Hello") and "## Assistant" in markdown
     assert restarted.patch("/conversations/hist-1", json={"title": "Greeting"}).status_code == 200
+    key = app.extensions["llm"].store.get("hist-1").key
     assert restarted.delete("/conversations/hist-1").status_code == 200
-    assert "hist-1" in fake_engine.forgotten
+    assert key in fake_engine.forgotten  # the engine's cache is keyed by the internal id
     assert restarted.get("/conversations/hist-1").status_code == 404
 
 
@@ -147,7 +170,9 @@ def test_api_keys_separate_users_and_guard_every_endpoint(make_app):
     client.get("/gpt/greedy?prompt=Secret&session=alice-1", headers=alice)
     assert client.get("/conversations/alice-1", headers=alice).status_code == 200
     assert client.get("/conversations/alice-1", headers={"Authorization": "Bearer key-b"}).status_code == 404
-    assert client.get("/conversations?api_key=key-b").get_json()["conversations"] == []
+    assert client.get("/conversations", headers={"X-API-Key": "key-b"}).get_json()["conversations"] == []
+    # Keys never travel in URLs (they end up in logs and browser history).
+    assert client.get("/conversations?api_key=key-b").status_code == 401
 
 
 def test_websocket_needs_key_when_configured(make_app):
@@ -158,7 +183,10 @@ def test_websocket_needs_key_when_configured(make_app):
         with pytest.raises(websocket.WebSocketBadStatusException) as info:
             websocket.create_connection(f"{server.ws_url}/gpt-socket/greedy", timeout=5)
         assert info.value.status_code == 401
-        ws = websocket.create_connection(f"{server.ws_url}/gpt-socket/greedy?api_key=key-a", timeout=5)
+        with pytest.raises(websocket.WebSocketBadStatusException):
+            websocket.create_connection(f"{server.ws_url}/gpt-socket/greedy?api_key=key-a", timeout=5)
+        ws = websocket.create_connection(f"{server.ws_url}/gpt-socket/greedy", header=["X-API-Key: key-a"],
+                                         timeout=5)
         ws.send("Hi")
         frames = []
         while not frames or frames[-1] != "<END>":

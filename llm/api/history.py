@@ -59,8 +59,7 @@ def rename_conversation(conversation_id: str):
 def delete_conversation(conversation_id: str):
     """Delete it and free its cached state in the engine."""
     llm = services()
-    llm.store.delete(conversation_id, current_user())
-    llm.engine.forget(conversation_id)
+    llm.engine.forget(llm.store.delete(conversation_id, current_user()))
     return jsonify({"deleted": conversation_id})
 
 
