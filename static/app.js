@@ -421,7 +421,6 @@ function bindEvents() {
   api.onKeyChange(() => { if (!state.open) reconnectNow(); });
 }
 
-api.takeKeyFromUrl();
 bindEvents();
 history.initHistory({ open: openConversation, deleted: conversationDeleted });
 loadPersonalities();

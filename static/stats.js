@@ -8,7 +8,6 @@
   const SVG = "http://www.w3.org/2000/svg";
   const HEIGHT = 200, PAD = { left: 44, right: 12, top: 12, bottom: 26 };
   const REFRESH_MS = 10000;
-  const STORAGE_KEY = "llm.chat.apiKey"; // shared with the chat page
   let timer = null;
   let uid = 0;
   let last = null; // the latest figures, redrawn when the window is resized
@@ -246,27 +245,12 @@
     feedback(data);
   }
 
-  function storedKey() {
-    try { return sessionStorage.getItem(STORAGE_KEY) || ""; } catch { return ""; }
-  }
-
-  function takeKeyFromUrl() {
-    const url = new URL(window.location.href);
-    const key = (url.searchParams.get("api_key") || "").trim();
-    if (!url.searchParams.has("api_key")) return;
-    url.searchParams.delete("api_key");
-    window.history.replaceState(window.history.state, "", `${url.pathname}${url.search}${url.hash}`);
-    try { if (key) sessionStorage.setItem(STORAGE_KEY, key); } catch { /* storage off */ }
-  }
-
   async function refresh() {
     const banner = document.getElementById("banner");
     try {
-      const key = storedKey();
-      const response = await fetch("/stats.json", { cache: "no-store", headers: key ? { "X-API-Key": key } : {} });
+      const response = await fetch("/stats.json", { cache: "no-store", credentials: "same-origin" });
       if (response.status === 401) {
-        throw new Error("this server needs an API key: open /stats?api_key=YOUR_KEY, or enter it on the chat page " +
-          "in this tab first");
+        throw new Error("this server needs an API key: enter it on the chat page first (this browser then keeps it)");
       }
       if (!response.ok) throw new Error(`the server answered ${response.status}`);
       render(await response.json());
@@ -285,7 +269,6 @@
   }
 
   document.addEventListener("DOMContentLoaded", () => {
-    takeKeyFromUrl();
     document.getElementById("auto-refresh").addEventListener("change", schedule);
     refresh();
     schedule();

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
-from werkzeug.serving import make_server
 
 from app import create_app
 from llm.fake import FakeEngine
+from llm.server import BackgroundServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEST_PERSONALITIES = FIXTURES / "personalities"
 
 
-class LiveServer:
-    """A real threaded server on 127.0.0.1 (random port) running an app, for websocket and browser tests."""
-
-    def __init__(self, app):
-        self.app = app
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.port = self.server.server_port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+class LiveServer(BackgroundServer):
+    """The real serving stack (``llm.server``) on 127.0.0.1 (random port), for websocket and browser tests."""
 
 
 @pytest.fixture

@@ -81,6 +81,12 @@ def keyed_context(browser, keyed_server):
 
 
 @pytest.fixture
+def cache_key(live_fake):
+    """The engine's cache key (the internal id) of one of the anonymous user's conversations."""
+    return lambda cid: live_fake.app.extensions["llm"].store.get(cid).key
+
+
+@pytest.fixture
 def page(context):
     return open_chat(context)
 
@@ -150,7 +156,7 @@ def seed(server, conversations):
         conversation = store.open(ident, personality)
         store.append(conversation, [Turn("user", question), Turn("assistant", f"An answer to: {question}")])
         with store.db.transaction() as cursor:
-            cursor.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time() - age, ident))
+            cursor.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time() - age, conversation.key))
 
 
 def shot(page, name):
@@ -158,7 +164,7 @@ def shot(page, name):
     page.screenshot(path=str(ARTIFACTS / name))
 
 
-def test_answer_streams_in_as_markdown(page, fake_engine):
+def test_answer_streams_in_as_markdown(page, fake_engine, cache_key):
     fake_engine.delay = 0.05
     fake_engine.script(["Hello", " **world**.", *[f" more{i}" for i in range(10)],
                         "\n\n```python\nprint('hi')\n```\n"])
@@ -175,7 +181,7 @@ def test_answer_streams_in_as_markdown(page, fake_engine):
     expect(page.locator("#announcer")).to_contain_text("Answer: Hello world.")
     request = fake_engine.requests[-1]
     assert request.messages[-1]["content"] == "Hi"
-    assert request.conversation == conversation_id(page)
+    assert request.conversation == cache_key(conversation_id(page))
 
 
 def test_keyboard_shift_enter_newline_enter_sends(page, fake_engine):
@@ -218,7 +224,7 @@ def test_stop_keeps_partial_answer_and_page_stays_usable(page, fake_engine):
     expect(finished_answer(page).locator(".body")).to_have_text("Hello from the fake engine.")
 
 
-def test_reload_restores_history_then_continues_it(context, page, fake_engine):
+def test_reload_restores_history_then_continues_it(context, page, fake_engine, cache_key):
     fake_engine.script(["Remembered **this**."])
     ask(page, "Remember me")
     finished_answer(page)
@@ -232,7 +238,7 @@ def test_reload_restores_history_then_continues_it(context, page, fake_engine):
     ask(page, "And now?")
     finished_answer(page)
     request = fake_engine.requests[-1]
-    assert request.conversation == first_id == conversation_id(page)
+    assert request.conversation == cache_key(first_id) and first_id == conversation_id(page)
     assert [m["content"] for m in request.messages[1:]] == ["Remember me", "Remembered **this**.", "And now?"]
 
     page.get_by_role("button", name="Regenerate").click()  # the last prompt again, as a new turn
@@ -261,7 +267,7 @@ def test_model_output_cannot_run_script_or_inject_markup(page, fake_engine):
         assert "https://example.com/p.png" in hrefs and all(href.startswith("https://") for href in hrefs)
 
 
-def test_new_conversation_clears_and_starts_afresh(page, fake_engine):
+def test_new_conversation_clears_and_starts_afresh(page, fake_engine, cache_key):
     ask(page, "First")
     finished_answer(page)
     old_id = conversation_id(page)
@@ -275,7 +281,7 @@ def test_new_conversation_clears_and_starts_afresh(page, fake_engine):
     finished_answer(page)
     new_id = conversation_id(page)
     assert new_id != old_id
-    assert fake_engine.requests[-1].conversation == new_id
+    assert fake_engine.requests[-1].conversation == cache_key(new_id)
     assert [m["content"] for m in fake_engine.requests[-1].messages[1:]] == ["Fresh"]
 
 
@@ -367,7 +373,7 @@ def test_sources_status_and_trimmed_notice(context):
     expect(answer.get_by_role("group", name="Rate this answer")).to_have_count(0)  # its end frame had no message_id
 
 
-def test_dropped_socket_reconnects_and_rebinds(context, fake_engine):
+def test_dropped_socket_reconnects_and_rebinds(context, fake_engine, cache_key):
     routes = []
 
     def proxy(route):
@@ -397,7 +403,7 @@ def test_dropped_socket_reconnects_and_rebinds(context, fake_engine):
     ask(page, "After the drop")
     finished_answer(page)
     request = fake_engine.requests[-1]
-    assert request.conversation == first_id
+    assert request.conversation == cache_key(first_id)
     assert [m["content"] for m in request.messages[1:3]] == ["Before the drop", "Hello from the fake engine."]
 
 
@@ -421,7 +427,7 @@ See https://docs.python.org/3/tutorial/datastructures.html#more-on-lists-and-a-v
 """
 
 
-def test_sidebar_lists_conversations_and_opens_older_ones(page, fake_engine):
+def test_sidebar_lists_conversations_and_opens_older_ones(page, fake_engine, cache_key):
     expect(page.locator("#history-status")).to_contain_text("No conversations yet")
     ask(page, "First topic")
     finished_answer(page)
@@ -458,7 +464,7 @@ def test_sidebar_lists_conversations_and_opens_older_ones(page, fake_engine):
     ask(page, "Follow-up")
     finished_answer(page)
     request = fake_engine.requests[-1]
-    assert request.conversation == first_id
+    assert request.conversation == cache_key(first_id)
     assert [m["content"] for m in request.messages[1:]] == ["First topic", "Hello from the fake engine.", "Follow-up"]
     expect(history_items(page).first).to_contain_text("First topic")  # the latest answer moves it up
 
@@ -567,11 +573,18 @@ def test_feedback_with_comment_is_stored_and_restored(page, client):
     assert client.get(f"/conversations/{conversation_id(page)}").get_json()["turns"][-1]["rating"] == -1
 
 
-def test_api_key_from_the_page_url_is_used_everywhere(keyed_context, keyed_server, fake_engine):
-    page = open_chat(keyed_context, "/?api_key=secret")
-    assert "api_key" not in page.url
-    assert page.evaluate("sessionStorage.getItem('llm.chat.apiKey')") == "secret"
+def test_key_entered_once_is_an_httponly_cookie_used_everywhere(keyed_context, keyed_server, fake_engine):
+    page = keyed_context.new_page()
+    page.goto("/")
+    key = page.get_by_label("API key", exact=True)
+    key.fill("secret")
+    key.press("Enter")
     expect(page.locator("#key-form")).to_be_hidden()
+    wait_connected(page)
+    cookie = next(c for c in keyed_context.cookies() if c["name"] == "llm_api_key")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert page.evaluate("document.cookie") == ""  # no script can read it
+    assert "secret" not in page.url
     fake_engine.delay = 0.02
     fake_engine.script(["Streamed ", "with ", "a ", "key."])
     ask(page, "Keyed question")
@@ -583,7 +596,7 @@ def test_api_key_from_the_page_url_is_used_everywhere(keyed_context, keyed_serve
 
     cid = conversation_id(page)
     page.get_by_role("button", name="Actions for “Keyed question”").click()
-    with page.expect_download() as download:  # fetched with the key, then saved
+    with page.expect_download() as download:  # a plain link: the cookie authenticates it
         page.get_by_role("link", name="Export as Markdown").click()
     assert download.value.suggested_filename == f"conversation-{cid}.md"
     text = Path(download.value.path()).read_text()

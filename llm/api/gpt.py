@@ -8,6 +8,7 @@ from flask import Blueprint, Response, current_app, request
 
 from llm.auth import current_user
 from llm.errors import BadRequest
+from llm.server import on_disconnect
 
 blueprint = Blueprint("gpt", __name__)
 
@@ -46,6 +47,7 @@ def gpt(personality: str):
     llm = current_app.extensions["llm"]
     turn = llm.chat.start(personality, values.get("prompt"), conversation_id=session, remember=session is not None,
                           channel="gpt", user=current_user())
+    on_disconnect(turn.cancel)
     try:
         text = "".join(turn.pieces())
     finally:

@@ -20,6 +20,7 @@ from llm.chat import ActiveTurn
 from llm.engine import JsonConstraint
 from llm.errors import BadRequest, IncompleteOutput, PayloadTooLarge, ServiceError
 from llm.schema_support import check_schema, validate_output
+from llm.server import on_disconnect
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -133,6 +134,7 @@ def chat_completions():
                                               sampling=sampling_options(data), user=current_user())
     except PayloadTooLarge as error:
         raise context_errors(error) from None
+    on_disconnect(turn.cancel)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
@@ -203,6 +205,7 @@ def completions():
         turn = services().chat.start_raw(name, prompt, sampling_options(data), user=current_user())
     except PayloadTooLarge as error:
         raise context_errors(error) from None
+    on_disconnect(turn.cancel)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if data.get("stream"):
         return sse(text_chunks(turn, ident, created, name))

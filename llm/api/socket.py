@@ -3,119 +3,106 @@
 Plain mode (the reference contract) sends nothing but answer text, ``<ERROR> message`` frames and ``<END>``.
 ``?format=json`` sends ``{"type": "token"|"status"|"source"|"error"|"end", ...}`` frames for rich clients.
 A first prompt starting ``|SESSION|<id>|/SESSION|`` names the conversation; ``|STOP|`` stops the answer in
-progress. A reader thread watches the socket while an answer streams, so ``|STOP|`` and disconnects take
-effect at the engine's next step instead of after the answer.
+progress.
+
+Served natively on the ASGI server (``llm.server``): frames are read by a coroutine, so an idle socket holds no
+thread and ``|STOP|`` or a disconnect reach the engine at its next step; an answer runs in a thread of a bounded
+pool. The handshake runs the Flask app's own before-request hooks (authentication, allowed hosts and origins,
+the rate limit), so a websocket is admitted by exactly the rules HTTP requests are.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
+import logging
 import re
 import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from flask import current_app, request
-from simple_websocket import ConnectionClosed
+from flask import Flask, g
+from werkzeug.exceptions import HTTPException
+from werkzeug.test import EnvironBuilder
 
-from llm.auth import current_user
-from llm.errors import BadRequest, ServiceError
+from llm.errors import BadRequest, NotFound, ServiceError, TooManyRequests
+from llm.limits import HANDSHAKE
 
+log = logging.getLogger(__name__)
 END, STOP = "<END>", "|STOP|"
 SESSION = re.compile(r"^\|SESSION\|(?P<id>[^|]*)\|/SESSION\|\s*", re.DOTALL)
-_CLOSED = object()
+ROUTE = re.compile(r"^/gpt-socket/(?P<personality>[^/]+)$")
 
 
 class Frames:
-    """Writes one answer's frames in plain or JSON mode."""
+    """Writes one answer's frames in plain or JSON mode through ``send_text`` (callable from any thread)."""
 
-    def __init__(self, ws, json_mode: bool):
-        self.ws, self.json_mode = ws, json_mode
+    def __init__(self, send_text, json_mode: bool):
+        self.send_text, self.json_mode = send_text, json_mode
 
     def send(self, kind: str, text: str = "", **fields: Any) -> None:
         if self.json_mode:
-            self.ws.send(json.dumps({"type": kind, **({"text": text} if kind == "token" else {}), **fields}))
+            self.send_text(json.dumps({"type": kind, **({"text": text} if kind == "token" else {}), **fields}))
         elif kind == "token" and text:
-            self.ws.send(text)
+            self.send_text(text)
         elif kind == "error":
-            self.ws.send(f"<ERROR> {fields['message']}")
+            self.send_text(f"<ERROR> {fields['message']}")
         elif kind == "end":
-            self.ws.send(END)
+            self.send_text(END)
 
     def error(self, error: ServiceError) -> None:
         self.send("error", message=error.message, error=error.type, status=error.status)
 
 
 class SocketSession:
-    """One websocket: its conversation, the answer in progress and the frames still to handle."""
+    """One websocket's conversation and the answer in progress; ``answer`` runs in a worker thread."""
 
-    def __init__(self, ws, personality: str, json_mode: bool):
-        self.ws, self.personality = ws, personality
-        self.frames = Frames(ws, json_mode)
-        self.llm = current_app.extensions["llm"]
-        self.user = current_user()
+    def __init__(self, llm: Any, send_text, personality: str, json_mode: bool, user: str, charge=None):
+        self.llm, self.personality, self.user = llm, personality, user
+        self.frames = Frames(send_text, json_mode)
+        self.charge = charge or (lambda: None)  # the user's rate budget, one unit per prompt
         self.conversation_id: str | None = None
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.current = None
         self.closed = threading.Event()
         self._lock = threading.Lock()
 
-    def read_forever(self) -> None:
-        """Reader thread: queue prompts, act on |STOP| and on the socket closing at once."""
-        while True:
-            try:
-                message = self.ws.receive(timeout=5)
-            except ConnectionClosed:
-                message = None
-            if message is None and self.ws.connected:
-                continue  # nothing arrived within the timeout (and a close is noticed even if signalled early)
-            if message is None:
-                self.closed.set()
-                self._cancel_current()
-                self.inbox.put(_CLOSED)
-                return
-            if message == STOP:
-                self._cancel_current()
-            else:
-                self.inbox.put(message)
-
-    def _cancel_current(self) -> None:
+    def cancel_current(self) -> None:
         with self._lock:
             if self.current is not None:
                 self.current.cancel()
 
-    def serve(self) -> None:
-        """Answer frames one after another until the socket closes."""
+    def close(self) -> None:
+        self.closed.set()
+        self.cancel_current()
+
+    def refuse_unknown_personality(self) -> bool:
+        """An unknown personality is answered with an error frame and the end frame, as the reference does."""
         try:
             self.llm.personalities.get(self.personality)
+            return False
         except ServiceError as error:
             if self.llm.chat.observer is not None:
                 self.llm.chat.observer.socket_refused(self.personality, error)
             self.frames.error(error)
             self.frames.send("end")
-            return
-        threading.Thread(target=self.read_forever, name="ws-reader", daemon=True).start()
-        while True:
-            message = self.inbox.get()
-            if message is _CLOSED:
-                return
-            try:
-                self.answer(message)
-            except ConnectionClosed:
-                self._cancel_current()
-                return
+            return True
 
     def answer(self, message: Any) -> None:
         """One prompt frame to one answer, always closed by an end frame."""
         try:
             if not isinstance(message, str):
                 raise BadRequest("Binary frames are not accepted; send the prompt as a text frame.")
+            self.charge()
             prompt = self._take_session(message)
             if prompt.strip():
                 self._generate(prompt)
                 return
             self.frames.send("end", conversation=self._ensure_conversation(), usage=None, trimmed_turns=0)
         except ServiceError as error:
+            if self.llm.chat.observer is not None:
+                self.llm.chat.observer.socket_refused(self.personality, error)
             self.frames.error(error)
             self.frames.send("end", conversation=self.conversation_id)
 
@@ -157,9 +144,142 @@ class SocketSession:
                     finish_reason=turn.handle.finish_reason, trimmed_turns=turn.trimmed, message_id=message_id)
 
 
-def register(sock) -> None:
-    """Attach the websocket route to a flask_sock.Sock."""
+class SocketRegistry:
+    """Open websockets per user (per address when anonymous), capped by LLM_MAX_SOCKETS_PER_USER, and the
+    thread pool answers run in."""
 
-    @sock.route("/gpt-socket/<personality>")
-    def gpt_socket(ws, personality: str):
-        SocketSession(ws, personality, request.args.get("format") == "json").serve()
+    def __init__(self, cap: int, threads: int):
+        self.cap = cap
+        self.open: Counter = Counter()
+        self._lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ws-answer")
+
+    def acquire(self, who: str) -> bool:
+        with self._lock:
+            if self.cap and self.open[who] >= self.cap:
+                return False
+            self.open[who] += 1
+            return True
+
+    def release(self, who: str) -> None:
+        with self._lock:
+            self.open[who] -= 1
+            if self.open[who] <= 0:
+                del self.open[who]
+
+
+def _environ(scope: dict) -> dict:
+    """A WSGI environ for the handshake, so Flask's before-request hooks can judge it like any request."""
+    client = scope.get("client") or ("", 0)
+    headers = [(key.decode("latin1"), value.decode("latin1")) for key, value in scope.get("headers", [])]
+    return EnvironBuilder(path=scope["path"], query_string=scope.get("query_string", b"").decode("latin1"),
+                          headers=headers, environ_base={"REMOTE_ADDR": client[0], HANDSHAKE: True}).get_environ()
+
+
+def handshake(app: Flask, scope: dict) -> tuple[str, Any]:
+    """Run the app's before-request hooks for the upgrade request; the user, and the rate budget to charge."""
+    with app.request_context(_environ(scope)):
+        try:
+            response = app.preprocess_request()
+        except HTTPException as exc:  # flask-level refusals (e.g. a limiter) become our error shape
+            raise ServiceError(exc.description or exc.name) from None
+        if response is not None:
+            raise TooManyRequests("Rate limit exceeded; retry in a moment.")
+        user, address = g.user, scope["client"][0] if scope.get("client") else ""
+    budget = app.extensions.get("llm_budget")
+    charge = (lambda: budget.charge(user, address)) if budget is not None else None
+    return user, charge
+
+
+async def _deny(scope: dict, send, error: ServiceError) -> None:
+    """Refuse the upgrade with the HTTP status and JSON error body, where the server can send one."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = json.dumps(error.to_dict()).encode()
+        headers = [(b"content-type", b"application/json"), *((k.lower().encode(), v.encode())
+                                                           for k, v in error.headers.items())]
+        await send({"type": "websocket.http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
+
+
+async def serve_websocket(app: Flask, scope: dict, receive, send) -> None:
+    """One websocket from handshake to close."""
+    loop = asyncio.get_running_loop()
+    if (await receive())["type"] != "websocket.connect":
+        return
+    llm, registry = app.extensions["llm"], app.extensions["llm_sockets"]
+    route = ROUTE.match(scope["path"])
+    try:
+        if route is None:
+            raise NotFound(f"No websocket at {scope['path']}; use /gpt-socket/<personality>.")
+        user, charge = await loop.run_in_executor(registry.executor, handshake, app, scope)
+    except ServiceError as error:
+        await _deny(scope, send, error)
+        return
+    who = user if user != "anonymous" else f"anonymous@{(scope.get('client') or ('',))[0]}"
+    if not registry.acquire(who):
+        await _deny(scope, send, TooManyRequests(
+            f"Too many open websockets for this user (LLM_MAX_SOCKETS_PER_USER={registry.cap}); close some first."))
+        return
+    try:
+        await send({"type": "websocket.accept"})
+        await _converse(app, llm, registry, scope, receive, send, user, charge, route["personality"])
+    finally:
+        registry.release(who)
+
+
+async def _converse(app, llm, registry, scope, receive, send, user, charge, personality) -> None:
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+
+    def send_text(text: str) -> None:  # from the answer's thread; waits so a slow reader slows only itself
+        asyncio.run_coroutine_threadsafe(send({"type": "websocket.send", "text": text}), loop).result()
+
+    query = scope.get("query_string", b"").decode("latin1")
+    session = SocketSession(llm, send_text, personality, "format=json" in query.split("&"), user, charge)
+    if await loop.run_in_executor(registry.executor, session.refuse_unknown_personality):
+        await send({"type": "websocket.close", "code": 1000})
+        return
+    prompts: asyncio.Queue = asyncio.Queue()
+
+    async def answer_in_turn() -> None:
+        while (message := await prompts.get()) is not None:
+            try:
+                await loop.run_in_executor(registry.executor, session.answer, message)
+            except Exception:  # the client went away mid-answer, or a bug: never leave the socket unserved
+                if session.closed.is_set():
+                    return
+                log.exception("websocket answer failed")
+                await send({"type": "websocket.close", "code": 1011})
+                return
+
+    worker = loop.create_task(answer_in_turn())
+    idle = llm.settings.socket_idle_timeout
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(receive(), timeout=idle)
+            except TimeoutError:
+                if session.current is None and prompts.empty():
+                    await send({"type": "websocket.close", "code": 1000, "reason": "idle"})
+                    return
+                continue
+            if event["type"] == "websocket.disconnect":
+                return
+            if event["type"] != "websocket.receive":
+                continue
+            message = event.get("text") if event.get("text") is not None else event.get("bytes")
+            if message == STOP:
+                session.cancel_current()
+            else:
+                prompts.put_nowait(message)
+    finally:
+        session.close()
+        prompts.put_nowait(None)
+        try:
+            await worker
+        except Exception:  # noqa: BLE001 - the client is gone; sends to it fail
+            pass
+        if llm.chat.observer is not None:
+            llm.chat.observer.websocket_closed(path=scope["path"], duration=time.monotonic() - started, user=user)

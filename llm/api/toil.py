@@ -18,6 +18,7 @@ from llm.auth import current_user
 from llm.engine import JsonConstraint
 from llm.errors import BadRequest, IncompleteOutput
 from llm.schema_support import check_schema, validate_output
+from llm.server import on_disconnect
 
 blueprint = Blueprint("toil", __name__)
 URL = re.compile(r"^https?://\S+$", re.IGNORECASE)
@@ -63,6 +64,7 @@ def toil(personality: str):
     turn = llm.chat.start(personality, prompt, conversation_id=body.get("session"),
                           remember=body.get("session") is not None, constraint=JsonConstraint(schema),
                           extra_context=text, channel="toil", user=current_user())
+    on_disconnect(turn.cancel)
     try:
         answer = "".join(turn.pieces())
     finally:
