@@ -50,8 +50,10 @@ class ChatFormat:
         pieces, position = [], 0
         for match in _SENTINEL.finditer(text):
             content = messages[int(match[1])].get("content") or ""
-            padded = match.group().startswith(_PAD) and match.group().endswith(_PAD)
-            pieces += [(text[position:match.start()], True), (content if padded else content.strip(), False)]
+            # Where the template trimmed our padding it trims the content too, on that side only.
+            content = content if match.group().startswith(_PAD) else content.lstrip()
+            content = content if match.group().endswith(_PAD) else content.rstrip()
+            pieces += [(text[position:match.start()], True), (content, False)]
             position = match.end()
         pieces.append((text[position:], True))
         return [(piece, trusted) for piece, trusted in pieces if piece]
