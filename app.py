@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,25 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     return app
 
 
+def announce(app: Flask, server) -> None:
+    """Once the model is loaded, say where to go, as the last line; if it cannot load, say why and stop."""
+    llm = app.extensions["llm"]
+    while llm.engine.stats().get("loading"):
+        time.sleep(0.1)
+    settings = llm.settings
+    errors = llm.engine.stats().get("load_errors")
+    if errors:
+        source = ("LLM_MODEL_FILE" if settings.model_file else "LLM_HUGGINGFACE_REPO" if settings.huggingface_repo
+                  else "the embedded model")
+        for path, reason in errors.items():
+            print(f"error: {source}: could not load {path}: {reason}", file=sys.stderr, flush=True)
+        server.should_exit = True
+        return
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else host
+    print(f"\nReady: open http://{shown}:{settings.port}/ in your browser (Ctrl+C stops).", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve the app (``make run``, ``make serve``); the address to open is the last line printed."""
     argv = sys.argv[1:] if argv is None else argv
@@ -130,14 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    settings = app.extensions["llm"].settings
     from llm.server import serve
 
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else host
-    serve(app, on_ready=lambda: print(f"\nReady: open http://{shown}:{settings.port}/ in your browser "
-                                      "(Ctrl+C stops).", flush=True))
-    return 0
+    print("Loading the model…", file=sys.stderr, flush=True)
+    serve(app, on_started=lambda server: announce(app, server))
+    return 2 if app.extensions["llm"].engine.stats().get("load_errors") else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from llm.errors import BadRequest, TooManyRequests, Unauthorized
 
 OPEN_PATHS = ("/health", "/static/", "/auth/session")
 PAGES = ("/", "/stats", "/favicon.ico")  # pages hold no data; they ask for a key and send it with every request
+PAGE_PREFIXES = ("/chat/",)
 ANONYMOUS = "anonymous"
 COOKIE = "llm_api_key"
 
@@ -54,7 +55,7 @@ def presented_key() -> str:
 
 
 def _open(path: str) -> bool:
-    return path in PAGES or path.startswith(OPEN_PATHS)
+    return path in PAGES or path.startswith(OPEN_PATHS + PAGE_PREFIXES)
 
 
 def authenticate(key: str) -> str:

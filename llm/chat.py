@@ -27,6 +27,32 @@ from llm.personalities import Personality
 
 MAX_PROMPT_CHARS = 200_000
 ANONYMOUS = "anonymous"
+TITLE_LENGTH = 60
+# The date line in the personality's language. Two languages do not warrant a locale library (and the process's
+# locale must not change per request); a language without an entry gets English.
+DATE_LINES = {
+    "en": ("(Today is {weekday} {day:02d} {month} {year}.)",
+           ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"),
+           ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+            "November", "December")),
+    "fr": ("(Nous sommes le {weekday} {day} {month} {year}.)",
+           ("lundi", "mardi", "mercredi", "jeudi", "vendredi", "samedi", "dimanche"),
+           ("janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre", "octobre",
+            "novembre", "décembre")),
+}
+
+
+def date_line(today: datetime.date, language: str) -> str:
+    """``(Today is Friday 04 December 2026.)``, or ``(Nous sommes le vendredi 4 décembre 2026.)`` in French."""
+    template, weekdays, months = DATE_LINES.get(language.split("-")[0].lower(), DATE_LINES["en"])
+    return template.format(weekday=weekdays[today.weekday()], day=today.day, month=months[today.month - 1],
+                           year=today.year)
+
+
+def title_of(question: str) -> str:
+    """A conversation's title: the question itself, without context blocks or URLs, on one line."""
+    text = " ".join(question.split())
+    return text[:TITLE_LENGTH] + ("…" if len(text) > TITLE_LENGTH else "")
 SUMMARY_TOKENS = 160
 
 
@@ -120,6 +146,8 @@ class ChatService:
         user_turn = Turn("user", self._user_content(personality, question, context), display=prompt,
                          sources=sources)
         conversation = self.store.open(conversation_id, personality.name, user or ANONYMOUS) if remember else None
+        if conversation is not None and not conversation.title:
+            conversation.title = title_of(question)
         system = system_prompt if system_prompt is not None else personality.system_prompt
         messages, trimmed = self._fit(personality, spec, conversation, system, user_turn, params)
         handle = self.engine.submit(GenerationRequest(
@@ -195,7 +223,7 @@ class ChatService:
         """What the model reads for this turn: date and context ride here, outside the cached system prompt."""
         parts = []
         if personality.include_date:
-            parts.append(f"(Today is {self.clock():%A %d %B %Y}.)")
+            parts.append(date_line(self.clock(), personality.language))
         if context:
             parts.append(f"Context:\n\"\"\"\n{context}\n\"\"\"\n")
         parts.append(question)

@@ -7,6 +7,7 @@ thread decodes; only the scheduler touches the context (see ``llm.scheduler``).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -19,6 +20,39 @@ from llm.models import ModelSpec
 from llm.settings import Settings
 
 log = logging.getLogger(__name__)
+LLAMA_LOG = logging.getLogger("llm.llama_cpp")
+# ggml_log_level of the vendored llama.cpp: NONE, DEBUG, INFO, WARN, ERROR, CONT (continues the previous message;
+# llama-cpp-python's own shim still has the older numbering, which showed every info line as a warning).
+_LLAMA_LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+
+
+class LlamaLog:
+    """llama.cpp's own log (by default ~150 loader lines on stderr per model) routed into Python logging as
+    ``llm.llama_cpp``, which shows warnings and errors unless ``LLM_VERBOSE_ENGINE`` lowers its level.
+
+    llama.cpp keeps the callback for the whole process, so exactly one exists, for the whole process
+    (``install``): a callback freed with an app that closed would crash the next model load."""
+
+    def __init__(self):
+        self._last = logging.INFO
+        self._callback = llama_cpp.llama_log_callback(self._log)
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    @staticmethod
+    @functools.cache
+    def install() -> LlamaLog:
+        return LlamaLog()
+
+    @staticmethod
+    def verbose(on: bool) -> None:
+        LLAMA_LOG.setLevel(logging.DEBUG if on else logging.WARNING)
+
+    def _log(self, level: int, text: bytes, _user_data) -> None:
+        self._last = self._last if level == 5 else _LLAMA_LEVELS.get(level, logging.INFO)
+        if LLAMA_LOG.isEnabledFor(self._last):
+            message = text.decode("utf-8", "replace").strip()
+            if message.strip("."):  # not the loader's progress dots
+                LLAMA_LOG.log(self._last, message)
 
 
 def gpu_layers(setting: int | None) -> int:

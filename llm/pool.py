@@ -18,7 +18,7 @@ from typing import Any
 
 from llm.engine import GenerationRequest, Handle, Message
 from llm.errors import Overloaded, PayloadTooLarge
-from llm.model import LoadedModel
+from llm.model import LlamaLog, LoadedModel
 from llm.models import ModelSpec
 from llm.scheduler import Job, Scheduler, common_prefix
 from llm.settings import Settings
@@ -41,10 +41,8 @@ class ModelPool:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        # llama-cpp-python prints every llama.cpp info line to stderr unless its logger says otherwise.
-        llama_logger = logging.getLogger("llama-cpp-python")
-        if llama_logger.level == logging.NOTSET:
-            llama_logger.setLevel(logging.WARNING)
+        LlamaLog.install()
+        LlamaLog.verbose(settings.verbose_engine)
         self._workers: OrderedDict[str, Worker] = OrderedDict()
         self._lock = threading.RLock()
         self._loading: set[str] = set()
@@ -60,7 +58,7 @@ class ModelPool:
             try:
                 self._worker(spec)
             except Exception as exc:  # reported by /health; requests will retry the load and raise
-                log.exception("loading %s failed", spec.path)
+                log.error("loading %s failed: %s", spec.path, exc)
                 self.load_errors[spec.path] = str(exc)
             finally:
                 self._loading.discard(spec.path)

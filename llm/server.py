@@ -178,16 +178,18 @@ def uvicorn_config(asgi: ServiceApp, settings: Any, **overrides: Any) -> uvicorn
     return uvicorn.Config(asgi, **{**options, **overrides})
 
 
-def serve(flask_app: Flask, on_ready=None) -> None:
-    """Run until interrupted (``make run`` / ``make serve``)."""
+def serve(flask_app: Flask, on_started=None) -> None:
+    """Run until interrupted (``make run`` / ``make serve``); ``on_started(server)`` runs in a thread once the
+    socket listens (it may set ``server.should_exit``)."""
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # our own start-up line says where to go
     server = uvicorn.Server(uvicorn_config(ServiceApp(flask_app), flask_app.extensions["llm"].settings))
-    if on_ready is not None:
+    if on_started is not None:
         original = server.startup
 
         async def startup(sockets=None) -> None:
             await original(sockets)
             if server.started:
-                on_ready()
+                threading.Thread(target=on_started, args=(server,), name="announce", daemon=True).start()
 
         server.startup = startup
     server.run()

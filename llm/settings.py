@@ -196,6 +196,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Open websockets allowed per user (per address when anonymous); 0: no cap."),
     Setting("LLM_SOCKET_IDLE_TIMEOUT", "socket_idle_timeout", 900.0, _float(1.0),
             "Seconds a websocket may stay open without a prompt before the server closes it."),
+    Setting("LLM_SOCKET_END_SESSION", "socket_end_session", False, _bool,
+            "End each websocket answer with `<END session-id>` (the reference design's later clients, which open a "
+            "socket per prompt and continue with `|SESSION|session-id|/SESSION|`) instead of `<END>`. "
+            "`?end=session` or `?end=plain` chooses for one socket."),
     Setting("LLM_WS_PING_INTERVAL", "ws_ping_interval", 20.0, _float(1.0),
             "Seconds between websocket pings; a client that does not answer within as long again is dropped."),
     Setting("LLM_TRUSTED_PROXIES", "trusted_proxies", (), _csv,
@@ -209,6 +213,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Conversations kept per user; beyond it new ones are refused (403) until old ones are deleted. 0: no cap."),
     Setting("LLM_RETENTION_DAYS", "retention_days", 0.0, _float(0.0),
             "Delete conversations not updated for this many days (0: keep forever)."),
+    Setting("LLM_VERBOSE_ENGINE", "verbose_engine", False, _bool,
+            "Log llama.cpp's own messages (model loading, offload, context sizes); by default only its warnings."),
     Setting("LLM_LOG_TRANSCRIPTS", "log_transcripts", False, _bool,
             "Log prompts and answers (they may hold personal information)."),
 )

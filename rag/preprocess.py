@@ -29,6 +29,10 @@ from rag.text import mentions
 LOG = logging.getLogger(__name__)
 OPEN_MARKER = "|CONTEXT|"
 CLOSE_MARKER = "|/CONTEXT|"
+# The reference design's later page sends clipboard text as |CONTENT|...|/CONTENT|: the same thing.
+ALIASES = {"|CONTENT|": OPEN_MARKER, "|/CONTENT|": CLOSE_MARKER}
+# |RAG|domain|domain|/RAG| asks for a web search restricted to those domains (not configured yet).
+_RAG_MARKER = re.compile(r"\A\s*\|RAG\|(?P<domains>.*?)\|/RAG\|", re.DOTALL)
 DEFAULT_QUESTION = "Summarise this page."
 # Any scheme://... at the very start counts as a URL, so "file:///etc/passwd ..." gets a clear refusal.
 _LEADING_URL = re.compile(r"\A\s*(?P<url>[A-Za-z][A-Za-z0-9+.\-]*://\S+|file:\S+)")
@@ -61,7 +65,10 @@ class Prepared:
 
 
 def split_custom_context(prompt: str) -> tuple[str, list[str]]:
-    """Remove |CONTEXT|...|/CONTEXT| blocks; returns the rest and the blocks; BadRequest if malformed."""
+    """Remove |CONTEXT|...|/CONTEXT| (or |CONTENT|) blocks; returns the rest and the blocks; BadRequest if
+    malformed."""
+    for alias, marker in ALIASES.items():
+        prompt = prompt.replace(alias, marker)
     rest: list[str] = []
     blocks: list[str] = []
     position = 0
@@ -114,6 +121,12 @@ class Preprocessor:
         ``budget_tokens`` defaults to the ``rag_length`` setting.
         """
         run = _Run(on_status)
+        search = _RAG_MARKER.match(prompt)
+        if search is not None:
+            prompt = prompt[search.end():]
+            domains = ", ".join(part for part in search["domains"].split("|") if part.strip()) or "the web"
+            run.notice(f"Web search grounding ({domains}) is not configured on this service, so this question is "
+                       "answered without a search.")
         text, custom = split_custom_context(prompt)
         url, asked = split_leading_url(text)
         question = DEFAULT_QUESTION if url is not None and not asked else asked
@@ -153,8 +166,9 @@ class Preprocessor:
     def _page_sections(self, url: str, run: _Run) -> list[Section]:
         """The page (or feed) at the prompt's leading URL."""
         document = self._fetch_document(url, run)
-        if document is None:
-            return []
+        if document is None:  # tell the model too, so it does not answer as if it had read the page
+            return [Section("Note:", [f"The page {url} could not be read ({run.notices[-1]}). Say so; do not guess "
+                                      "what it contains."])]
         return [_document_section(document, "Web page" if document.kind != "feed" else "Feed", url, None)]
 
     def _feed_sections(self, question: str, feeds: Iterable[dict], run: _Run) -> list[Section]:

@@ -105,6 +105,7 @@ function finishAnswer(answer, end = {}, note = '') {
   const length = end.finish_reason === 'length' ? 'Cut off at the length limit' : '';
   view.addFooter(answer.article, answer.text, {
     usage: end.usage, trimmed: end.trimmed_turns || 0, note: note || stopped || length, statuses: answer.statuses,
+    notices: end.notices || [],
     feedback: { conversationId: answer.conversationId, messageId: end.message_id },
   });
   if (state.current === answer) setStreaming(null);
@@ -376,7 +377,8 @@ async function loadPersonalities() {
     return option;
   }));
   ui.picker.disabled = false;
-  await selectPersonality(store.get('personality'));
+  const addressed = /^\/chat\/([^/]+)/.exec(window.location.pathname); // /chat/<personality> picks one
+  await selectPersonality(addressed ? decodeURIComponent(addressed[1]) : store.get('personality'));
 }
 
 /* ---------- layout and input ---------- */
@@ -421,6 +423,22 @@ function bindEvents() {
   api.onKeyChange(() => { if (!state.open) reconnectNow(); });
 }
 
+/** While the server is still loading (or assembling) its model, say so instead of leaving a dead page. */
+async function watchModelLoading() {
+  for (let shown = false; ;) {
+    const health = await fetch('/health', { cache: 'no-store' }).then((r) => r.json()).catch(() => null);
+    if (health && health.status === 'loading') {
+      if (!shown) showBanner(`The model ${health.model || ''} is still loading; answers will start as soon as it is ready.`, false);
+      shown = true;
+    } else {
+      if (shown && health && health.status === 'ok') { hideBanner(); announce('The model is ready.'); }
+      return;
+    }
+    await new Promise((resolve) => { window.setTimeout(resolve, 1500); });
+  }
+}
+
 bindEvents();
 history.initHistory({ open: openConversation, deleted: conversationDeleted });
+watchModelLoading();
 loadPersonalities();

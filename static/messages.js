@@ -144,7 +144,7 @@ function usageDetails(usage) {
  * `feedback` is {conversationId, messageId, rating}.
  */
 export function addFooter(article, text, options = {}) {
-  const { usage = null, trimmed = 0, note = '', statuses = [], feedback = null } = options;
+  const { usage = null, trimmed = 0, note = '', statuses = [], notices = [], feedback = null } = options;
   const bits = [note, usageText(usage)].filter(Boolean);
   const rated = feedback && feedback.messageId != null;
   if (text || bits.length || rated) {
@@ -156,10 +156,16 @@ export function addFooter(article, text, options = {}) {
     footer.append(meta);
     article.append(footer);
   }
-  if (statuses.length) {
+  for (const notice of notices) { // what went wrong (a page that could not be read) is shown, not folded away
+    const shown = element('p', 'notice warning', notice);
+    shown.setAttribute('role', 'note');
+    article.append(shown);
+  }
+  const progress = statuses.filter((status) => !notices.includes(status));
+  if (progress.length) {
     const details = element('details', 'status-notes');
-    details.append(element('summary', '', plural(statuses.length, 'note')));
-    for (const status of statuses) details.append(element('p', '', status));
+    details.append(element('summary', '', plural(progress.length, 'note')));
+    for (const status of progress) details.append(element('p', '', status));
     article.append(details);
   }
   if (trimmed > 0) {

@@ -428,8 +428,8 @@ def test_huge_frame_is_refused_and_the_socket_is_released(live_fake):
     """A message over the size limit is refused with close code 1009 before it is buffered whole, and the
     server forgets the socket (its per-user count goes back down)."""
     ws = connect(live_fake)
-    try:
-        ws.send("x" * (3 << 20))
+    try:  # a 3 MiB text frame's header and its first 64 KiB: the size alone is enough to refuse it
+        ws.sock.sendall(bytes([0x81, 0x80 | 127]) + struct.pack("!Q", 3 << 20) + b"\0\0\0\0" + b"x" * 65536)
         head = ws.sock.recv(4)
     finally:
         hang_up(ws)

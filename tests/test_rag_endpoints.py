@@ -55,7 +55,10 @@ def test_ssrf_probes_are_refused_and_question_still_answered(client, fake_engine
     assert "X-Sources" not in response.headers
     notices = json.loads(response.headers["X-Notices"])
     assert any("Could not fetch" in notice or "refused" in notice.lower() for notice in notices)
-    assert fake_engine.requests[-1].messages[-1]["content"] == "What is there?"
+    asked = fake_engine.requests[-1].messages[-1]["content"]
+    # The model reads the question and that the page could not be read, so it does not pretend it did.
+    assert asked.endswith("What is there?") and "could not be read" in asked and "Say so" in asked
+    assert response.get_data(as_text=True).startswith("Note: ")  # and the reader sees it in the answer
 
 
 def test_redirect_to_metadata_is_refused(rag_app, fake_engine, pages):

@@ -107,9 +107,11 @@ def test_fetch_problems_become_notices(pre: Preprocessor, server: FixtureHTTPSer
     statuses: list[str] = []
     prepared = pre.prepare(f"{server.url(path)} summarise", count_tokens=words, on_status=statuses.append)
     assert prepared.question == "summarise"
-    assert prepared.context == "" and prepared.sources == []
+    assert prepared.sources == []
     assert len(prepared.notices) == 1 and notice in prepared.notices[0]
     assert statuses[-1] == prepared.notices[0]
+    # The model is told the page could not be read (and why), so it does not answer as if it had read it.
+    assert prepared.context.startswith("Note:") and "could not be read" in prepared.context
 
 
 def test_refused_scheme_is_a_notice(pre: Preprocessor) -> None:

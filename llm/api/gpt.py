@@ -53,6 +53,8 @@ def gpt(personality: str):
     finally:
         turn.cancel()  # a no-op when done; frees the engine if the client went away
     turn.finish()
+    if turn.notices:  # a page that could not be read: said where the reader looks, not only in a header
+        text = "".join(f"Note: {notice}\n" for notice in turn.notices) + "\n" + text
     headers = {**sources_headers(turn), "X-Finish-Reason": turn.handle.finish_reason or ""}
     if turn.conversation is not None:
         headers["X-Conversation"] = turn.conversation.id

@@ -1,8 +1,8 @@
-"""The chat page, the personality list and the health check."""
+"""The chat page, the chat directory, the personality list and descriptions, and the health check."""
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, send_from_directory
+from flask import Blueprint, current_app, jsonify, render_template_string, send_from_directory
 
 blueprint = Blueprint("pages", __name__)
 
@@ -16,16 +16,60 @@ def index():
     return send_from_directory(current_app.static_folder, "index.html")
 
 
+@blueprint.get("/chat/<personality>")
+def chat_with(personality: str):
+    """The chat page opened on one personality (the reference design's address for it)."""
+    services().personalities.get(personality)  # 404 for an unknown one
+    return send_from_directory(current_app.static_folder, "index.html")
+
+
+DIRECTORY = """<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark"><title>Personalities · Chat</title>
+<link rel="icon" href="/static/favicon.svg" type="image/svg+xml"><link rel="stylesheet" href="/static/style.css">
+</head>
+<body class="directory">
+<main id="main">
+<h1>Chat with a personality</h1>
+<ul class="directory-list">
+{% for p in personalities %}
+<li lang="{{ p.language }}"><a href="/chat/{{ p.name | urlencode }}">{{ p.name }}</a>
+<p>{{ p.description }}</p><p class="model">Model: {{ p.model }}</p></li>
+{% endfor %}
+</ul>
+</main>
+</body>
+</html>"""
+
+
+@blueprint.get("/chat")
+def chat_directory():
+    """Every personality with a link to chat with it (Jinja escapes what personality files say)."""
+    return render_template_string(DIRECTORY, personalities=describe_all())
+
+
+def describe(personality) -> dict:
+    """What clients may know of a personality: its public fields and the model that serves it."""
+    llm = services()
+    spec = llm.specs(personality)
+    return {**personality.public(), "model": llm.engine.describe(spec)["name"], "context_window": spec.context_window}
+
+
+def describe_all() -> list[dict]:
+    return [describe(personality) for personality in services().personalities.all()]
+
+
 @blueprint.get("/personalities")
 def personalities():
     """Each personality with its description, intro and the model that serves it."""
-    llm = services()
-    items = []
-    for personality in llm.personalities.all():
-        spec = llm.specs(personality)
-        items.append({**personality.public(), "model": llm.engine.describe(spec)["name"],
-                      "context_window": spec.context_window})
-    return jsonify({"personalities": items})
+    return jsonify({"personalities": describe_all()})
+
+
+@blueprint.get("/describe/<personality>")
+def describe_one(personality: str):
+    """One personality (the reference design's /describe): name, description, intro, language, model."""
+    return jsonify(describe(services().personalities.get(personality)))
 
 
 @blueprint.get("/health")

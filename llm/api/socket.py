@@ -1,9 +1,11 @@
 """``/gpt-socket/<personality>``: each text frame is a prompt; answers stream back and end with ``<END>``.
 
-Plain mode (the reference contract) sends nothing but answer text, ``<ERROR> message`` frames and ``<END>``.
-``?format=json`` sends ``{"type": "token"|"status"|"source"|"error"|"end", ...}`` frames for rich clients.
-A first prompt starting ``|SESSION|<id>|/SESSION|`` names the conversation; ``|STOP|`` stops the answer in
-progress.
+Plain mode (the reference contract) sends answer text, status lines (``*Fetching https://...*``, a page that
+could not be read) before the answer, ``<ERROR> message`` frames and ``<END>``; in the compatibility mode of the
+reference design's later clients (``LLM_SOCKET_END_SESSION`` or ``?end=session``) the end frame is
+``<END session-id>``. ``?format=json`` sends ``{"type": "token"|"status"|"source"|"error"|"end", ...}`` frames for
+rich clients. A first prompt starting ``|SESSION|<id>|/SESSION|`` names the conversation; ``|STOP|`` stops the
+answer in progress.
 
 Served natively on the ASGI server (``llm.server``): frames are read by a coroutine, so an idle socket holds no
 thread and ``|STOP|`` or a disconnect reach the engine at its next step; an answer runs in a thread of a bounded
@@ -39,18 +41,21 @@ ROUTE = re.compile(r"^/gpt-socket/(?P<personality>[^/]+)$")
 class Frames:
     """Writes one answer's frames in plain or JSON mode through ``send_text`` (callable from any thread)."""
 
-    def __init__(self, send_text, json_mode: bool):
-        self.send_text, self.json_mode = send_text, json_mode
+    def __init__(self, send_text, json_mode: bool, end_with_session: bool = False):
+        self.send_text, self.json_mode, self.end_with_session = send_text, json_mode, end_with_session
 
     def send(self, kind: str, text: str = "", **fields: Any) -> None:
         if self.json_mode:
             self.send_text(json.dumps({"type": kind, **({"text": text} if kind == "token" else {}), **fields}))
         elif kind == "token" and text:
             self.send_text(text)
+        elif kind == "status":  # where a plain client's user looks: in the answer's text, before the answer
+            self.send_text(f"*{fields['message']}*\n\n")
         elif kind == "error":
             self.send_text(f"<ERROR> {fields['message']}")
         elif kind == "end":
-            self.send_text(END)
+            session = fields.get("conversation")
+            self.send_text(f"<END {session}>" if self.end_with_session and session else END)
 
     def error(self, error: ServiceError) -> None:
         self.send("error", message=error.message, error=error.type, status=error.status)
@@ -59,9 +64,10 @@ class Frames:
 class SocketSession:
     """One websocket's conversation and the answer in progress; ``answer`` runs in a worker thread."""
 
-    def __init__(self, llm: Any, send_text, personality: str, json_mode: bool, user: str, charge=None):
+    def __init__(self, llm: Any, send_text, personality: str, json_mode: bool, user: str, charge=None,
+                 end_with_session: bool = False):
         self.llm, self.personality, self.user = llm, personality, user
-        self.frames = Frames(send_text, json_mode)
+        self.frames = Frames(send_text, json_mode, end_with_session)
         self.charge = charge or (lambda: None)  # the user's rate budget, one unit per prompt
         self.conversation_id: str | None = None
         self.current = None
@@ -104,7 +110,8 @@ class SocketSession:
             if self.llm.chat.observer is not None:
                 self.llm.chat.observer.socket_refused(self.personality, error)
             self.frames.error(error)
-            self.frames.send("end", conversation=self.conversation_id)
+            self.frames.send("end", conversation=self.conversation_id or (
+                self._ensure_conversation() if self.frames.end_with_session else None))
 
     def _take_session(self, message: str) -> str:
         match = SESSION.match(message)
@@ -122,9 +129,9 @@ class SocketSession:
 
     def _generate(self, prompt: str) -> None:
         frames = self.frames
-        status = (lambda text: frames.send("status", message=text)) if frames.json_mode else None
         turn = self.llm.chat.start(self.personality, prompt, conversation_id=self._ensure_conversation(),
-                                   on_status=status, channel="socket", user=self.user)
+                                   on_status=lambda text: frames.send("status", message=text), channel="socket",
+                                   user=self.user)
         with self._lock:
             self.current = turn
         try:
@@ -141,7 +148,8 @@ class SocketSession:
         turn.finish()
         message_id = turn.assistant_turn.message_id if turn.assistant_turn else None
         frames.send("end", conversation=self.conversation_id, usage=turn.handle.usage.as_dict(),
-                    finish_reason=turn.handle.finish_reason, trimmed_turns=turn.trimmed, message_id=message_id)
+                    finish_reason=turn.handle.finish_reason, trimmed_turns=turn.trimmed, message_id=message_id,
+                    notices=turn.notices)
 
 
 class SocketRegistry:
@@ -236,8 +244,9 @@ async def _converse(app, llm, registry, scope, receive, send, user, charge, pers
     def send_text(text: str) -> None:  # from the answer's thread; waits so a slow reader slows only itself
         asyncio.run_coroutine_threadsafe(send({"type": "websocket.send", "text": text}), loop).result()
 
-    query = scope.get("query_string", b"").decode("latin1")
-    session = SocketSession(llm, send_text, personality, "format=json" in query.split("&"), user, charge)
+    query = scope.get("query_string", b"").decode("latin1").split("&")
+    end_with_session = "end=session" in query or (llm.settings.socket_end_session and "end=plain" not in query)
+    session = SocketSession(llm, send_text, personality, "format=json" in query, user, charge, end_with_session)
     if await loop.run_in_executor(registry.executor, session.refuse_unknown_personality):
         await send({"type": "websocket.close", "code": 1000})
         return
