@@ -69,10 +69,13 @@ bench: install
 	$(PIP) install --quiet -e '.[test,bench]'
 	$(PY) bench/run.py
 
-# Schema coverage: ours vs llama.cpp's converter on the JSON-Schema-Test-Suite, then every schema through /toil.
+# Schema coverage: ours vs llama.cpp's converter on the JSON-Schema-Test-Suite, then every schema through /toil,
+# then real-world schemas (the JSON Schema Store ones check-jsonschema vendors) compiled and answered by both.
 bench-schema: install
+	$(PIP) install --quiet -e '.[test,bench]'
 	$(PY) bench/schema_coverage.py
 	$(PY) bench/schema_coverage.py --serve
+	$(PY) bench/schema_corpus.py --answer
 
 # Answer quality of the default set-up (or LLM_MODEL_FILE) through the service's endpoints: accuracy per group.
 eval: install

@@ -133,7 +133,8 @@ class ChatService:
     def start(self, personality_name: str, prompt: Any, *, conversation_id: str | None = None,
               remember: bool = True, constraint: JsonConstraint | None = None, extra_context: str = "",
               sampling: dict[str, Any] | None = None, on_status: Callable[[str], None] | None = None,
-              system_prompt: str | None = None, channel: str = "", user: str | None = None) -> ActiveTurn:
+              system_prompt: str | None = None, channel: str = "", user: str | None = None,
+              timeout: float | None = None) -> ActiveTurn:
         """Prepare and submit one turn; raises the ServiceError that stops it before generation."""
         personality = self.personalities.get(personality_name)
         prompt = check_prompt(prompt)
@@ -152,13 +153,14 @@ class ChatService:
         messages, trimmed = self._fit(personality, spec, conversation, system, user_turn, params)
         handle = self.engine.submit(GenerationRequest(
             model=spec, messages=messages, sampling=params, constraint=constraint,
-            conversation=conversation.key if conversation else None, **self._privacy(personality, user)))
+            conversation=conversation.key if conversation else None, timeout=timeout,
+            **self._privacy(personality, user)))
         return ActiveTurn(self, conversation, user_turn, handle, trimmed, sources, notices, personality.name, channel,
                           user)
 
     def start_messages(self, personality_name: str, messages: Any, *, constraint: JsonConstraint | None = None,
                        sampling: dict[str, Any] | None = None, channel: str = "openai",
-                       user: str | None = None) -> ActiveTurn:
+                       user: str | None = None, timeout: float | None = None) -> ActiveTurn:
         """A turn from client-held history (OpenAI style): the personality's system prompt is prepended unless
         the client brings its own, and the RAG preprocessor applies to the last user message."""
         personality = self.personalities.get(personality_name)
@@ -178,7 +180,8 @@ class ChatService:
                                                                 None)
             messages[last_user]["content"] = self._user_content(personality, question, context)
         handle = self.engine.submit(GenerationRequest(model=spec, messages=messages, sampling=params,
-                                                      constraint=constraint, **self._privacy(personality, user)))
+                                                      constraint=constraint, timeout=timeout,
+                                                      **self._privacy(personality, user)))
         return ActiveTurn(self, None, Turn("user", messages[-1]["content"]), handle, 0, sources, notices,
                           personality.name, channel, user)
 

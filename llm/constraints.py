@@ -25,14 +25,17 @@ from llm.schema_support import (
     check_schema,
     normalise,
     overlapping_one_of,
-    unsupported_keywords,
     validate_output,
+    without_ref_siblings,
 )
 
 # Compact JSON: no whitespace anywhere, so the model cannot pad a document forever.
 _JSON_OPTIONS = {"whitespace_flexible": False, "coerce_one_of": False, "lenient": False}
-_ONE_OF_MESSAGE = "oneOf constraints are not supported"
 _ONE_OF_COERCED = "oneOf not fully supported, falling back to anyOf"
+# Strict-mode refusals a superset grammar can stand in for: the answer is then checked against the exact schema
+# (and resampled when it fails), so the schema is served instead of refused.
+_SUPERSET_ABLE = ("Unimplemented keys:", "Unknown format:", "oneOf constraints are not supported")
+_RECURSIVE_SIBLINGS = "circular references with sibling keys are not supported"
 _ANY_OBJECT: dict = {"type": "object"}
 _FEW_WORDS = 256  # below this many mask words to expand, per-bit indexing beats a full pass
 _BIT = np.arange(32, dtype=np.int32)
@@ -106,12 +109,17 @@ class ConstraintState:
 
 
 class Grammar:
-    """A compiled schema; immutable and shared by every request that uses the same schema."""
+    """A compiled schema; immutable and shared by every request that uses the same schema.
 
-    def __init__(self, schema: dict | bool | None, template: llguidance.LLMatcher, vocab_size: int):
+    ``loosened`` names what the grammar enforces only as a superset (a keyword, a format, an overlapping oneOf);
+    empty when every valid-by-grammar answer validates."""
+
+    def __init__(self, schema: dict | bool | None, template: llguidance.LLMatcher, vocab_size: int,
+                 loosened: tuple[str, ...] = ()):
         self._schema = schema
         self._template = template
         self._vocab_size = vocab_size
+        self.loosened = loosened
         self._lock = threading.Lock()
 
     @property
@@ -218,41 +226,35 @@ class ConstraintCompiler:
         """Validate, screen and compile one schema (runs on a compile worker)."""
         if schema is not None:
             check_schema(schema, max_bytes=self.max_schema_bytes, max_depth=self.max_depth)
-            unsupported = unsupported_keywords(schema)
-            if unsupported:
-                raise Unprocessable("The schema uses keywords the constraint engine cannot enforce: "
-                                    + ", ".join(unsupported), param="schema")
         if schema is False:
             raise Unprocessable("The schema `false` allows no value at all.", param="schema")
         target = _ANY_OBJECT if schema is None else {} if schema is True else normalise(schema)
-        matcher = self._build_matcher(target)
+        matcher, loosened = self._build_matcher(target)
         self._probe(matcher)
-        return Grammar(schema, matcher, self._vocab_size)
+        return Grammar(schema, matcher, self._vocab_size, loosened)
 
-    def _build_matcher(self, schema: dict) -> llguidance.LLMatcher:
-        """An llguidance matcher, retrying with oneOf coerced to anyOf only when every oneOf is provably exclusive."""
-        matcher = self._matcher(schema, coerce_one_of=False)
-        if _ONE_OF_MESSAGE in matcher.get_error():
-            overlapping = overlapping_one_of(schema)
-            if overlapping:
-                raise Unprocessable("oneOf is enforced only when its branches are mutually exclusive (by type, "
-                                    "const/enum, or a required discriminator property); these may overlap: "
-                                    + "; ".join(overlapping), param="schema")
-            matcher = self._matcher(schema, coerce_one_of=True)
+    def _build_matcher(self, schema: dict) -> tuple[llguidance.LLMatcher, tuple[str, ...]]:
+        """The exact grammar when llguidance can enforce the whole schema; otherwise a superset (lenient mode;
+        recursive references without their sibling keywords), with what it loosened. A oneOf proven exclusive is
+        exact even as anyOf."""
+        loosened: tuple[str, ...] = ()
+        matcher = self._matcher(schema, lenient=False)
+        if _RECURSIVE_SIBLINGS in matcher.get_error():
+            schema, loosened = without_ref_siblings(schema), ("keywords beside a recursive $ref",)
+            matcher = self._matcher(schema, lenient=False)
+        if matcher.get_error().startswith(_SUPERSET_ABLE):
+            matcher = self._matcher(schema, lenient=True)
         if matcher.is_error():
             raise classify_error(matcher.get_error())
-        # The anyOf fallback warning is moot once every oneOf has been proven exclusive above.
-        warnings = [w for w in matcher.get_grammar_warnings() if not w.startswith(_ONE_OF_COERCED)]
-        if warnings:
-            raise Unprocessable("The constraint engine would not fully enforce the schema: " + "; ".join(warnings),
-                                param="schema")
-        return matcher
+        exclusive = not overlapping_one_of(schema)
+        return matcher, loosened + tuple(warning for warning in matcher.get_grammar_warnings()
+                                         if not (exclusive and warning.startswith(_ONE_OF_COERCED)))
 
-    def _matcher(self, schema: dict, *, coerce_one_of: bool) -> llguidance.LLMatcher:
+    def _matcher(self, schema: dict, *, lenient: bool) -> llguidance.LLMatcher:
         """Build a matcher with our options forced (``overrides`` win over a schema's own x-guidance)."""
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                schema, overrides={**_JSON_OPTIONS, "coerce_one_of": coerce_one_of})
+                schema, overrides={**_JSON_OPTIONS, "coerce_one_of": True, "lenient": lenient})
         except ValueError as exc:  # the schema already passed meta-validation: this is an engine limit
             raise Unprocessable(f"The constraint engine could not read the schema: {exc}", param="schema") from None
         return llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self._limits)

@@ -71,6 +71,7 @@ class GenerationRequest:
     # (the personality's own system prompt), so no user's prompt can be probed through another's cache.
     owner: str | None = None
     public_prefix: Sequence[Message] = ()
+    timeout: float | None = None  # seconds the answer may take (LLM_REQUEST_TIMEOUT when None)
 
 
 @dataclass

@@ -46,7 +46,7 @@ class FakeEngine:
                                   f"{request.model.context_window} tokens.")
         if request.constraint is not None and answer == self.default_pieces:
             answer = [json.dumps({"answer": "".join(self.default_pieces)})]
-        handle = Handle(timeout=30)
+        handle = Handle(timeout=request.timeout or 30)
         threading.Thread(target=self._play, args=(handle, answer, request, prompt_tokens), daemon=True).start()
         return handle
 

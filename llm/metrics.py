@@ -107,6 +107,9 @@ class Metrics:
                              ["personality"], buckets=TPS_BUCKETS, registry=registry)
         self.fetches = Counter("llm_fetches", "RAG page and feed fetches by outcome.", ["outcome"],
                                registry=registry)
+        self.schema_answers = Counter("llm_schema_answers", "Schema-constrained answers (/toil, /v1 json_schema) by "
+                                      "outcome: valid at once, valid after resampling, or no valid answer.",
+                                      ["outcome"], registry=self.registry)
         self.feedback = Counter("llm_feedback", "Thumbs up or down on answers.", ["personality", "rating"],
                                 registry=registry)
         registry.register(EngineCollector(engine_stats))

@@ -130,7 +130,7 @@ class ModelPool:
         constraint = None
         if request.constraint is not None:
             constraint = self._compiler(worker).compile_json(request.constraint.schema).new_state()
-        handle = Handle(timeout=self.settings.request_timeout)
+        handle = Handle(timeout=min(request.timeout or self.settings.request_timeout, self.settings.request_timeout))
         job = Job(handle=handle, prompt=tokens, sampling=sampling, window=window,
                   conversation=request.conversation, constraint=constraint,
                   stops=worker.model.chat_format.stops, owner=request.owner,

@@ -24,16 +24,6 @@ from jsonschema.exceptions import ValidationError
 from llm import safe_regex
 from llm.errors import BadRequest, GenerationFailed, Unprocessable
 
-# Keywords the grammar engine cannot enforce. llguidance reports most of them itself, but listing them here
-# names all of them in one 422 and guards against a version that silently ignores one.
-UNSUPPORTED_KEYWORDS = frozenset({
-    "not", "if", "then", "else", "contains", "minContains", "maxContains", "dependentRequired",
-    "dependentSchemas", "dependencies", "propertyNames", "unevaluatedItems", "unevaluatedProperties",
-    "$dynamicRef", "$dynamicAnchor", "$recursiveRef", "$recursiveAnchor",
-    # llguidance reads its options from the schema; a client must not switch off our rules (lenient, whitespace).
-    "x-guidance",
-})
-
 # Where subschemas live, so keyword screening never mistakes a property *named* "not" for the keyword.
 _SCHEMA_VALUED = ("additionalProperties", "items", "additionalItems", "not", "if", "then", "else", "contains",
                   "propertyNames", "unevaluatedItems", "unevaluatedProperties", "contentSchema")
@@ -117,31 +107,35 @@ def check_schema(schema: Any, *, max_bytes: int = 64_000, max_depth: int = 32) -
 
 def subschemas(schema: Any) -> Iterator[dict]:
     """Every object subschema reachable through applicator keywords (not through enum, const, default...)."""
-    stack = [schema]
+    return (node for _, node in located_subschemas(schema))
+
+
+def located_subschemas(schema: Any) -> Iterator[tuple[str, dict]]:
+    """Every object subschema with its JSON pointer in the schema ("" for the root), for messages that say where."""
+    stack = [("", schema)]
     while stack:
-        node = stack.pop()
+        path, node = stack.pop()
         if not isinstance(node, dict):
             continue
-        yield node
+        yield path, node
         for key in _SCHEMA_VALUED:
             if isinstance(node.get(key), dict):
-                stack.append(node[key])
+                stack.append((f"{path}/{key}", node[key]))
         for key in _SCHEMA_LISTS:
             if isinstance(node.get(key), list):
-                stack.extend(node[key])
+                stack.extend((f"{path}/{key}/{index}", item) for index, item in enumerate(node[key]))
         for key in _SCHEMA_MAPS:
             if isinstance(node.get(key), dict):
-                stack.extend(node[key].values())
+                stack.extend((f"{path}/{key}/{_escape(name)}", item) for name, item in node[key].items())
 
 
-def unsupported_keywords(schema: Any) -> list[str]:
-    """Keywords in the schema that the grammar engine would not enforce (``uniqueItems: false`` is harmless)."""
-    found = set()
-    for node in subschemas(schema):
-        found.update(UNSUPPORTED_KEYWORDS.intersection(node))
-        if node.get("uniqueItems") is True:
-            found.add("uniqueItems")
-    return sorted(found)
+def _escape(name: str) -> str:
+    return name.replace("~", "~0").replace("/", "~1")
+
+
+# Keywords beside a $ref that only annotate, or that the $ref's resolution itself needs.
+_REF_NEIGHBOURS = frozenset({"$ref", "$id", "$schema", "$anchor", "$comment", "$defs", "definitions", "title",
+                             "description", "default", "examples", "deprecated", "readOnly", "writeOnly"})
 
 
 def normalise(schema: Any) -> Any:
@@ -158,13 +152,35 @@ def normalise(schema: Any) -> Any:
     return schema
 
 
-def _patterns(schema: Any) -> Iterator[tuple[str, str]]:
-    """Every regex in a schema with the keyword it came from (pattern, patternProperties)."""
+def without_ref_siblings(schema: dict) -> dict:
+    """A superset for the grammar: keywords beside each ``$ref`` dropped (they only narrow what the reference
+    allows; in 2019-09 and later they apply together with it). llguidance cannot combine them with a recursive
+    reference; the answer validator still checks them."""
+    schema = json.loads(json.dumps(schema))
     for node in subschemas(schema):
+        if isinstance(node.get("$ref"), str):
+            for key in list(node.keys() - _REF_NEIGHBOURS):
+                del node[key]
+    return schema
+
+
+def unchecked_formats(schema: Any) -> list[str]:
+    """Formats in the schema that are annotations only: neither the grammar nor the answer validator knows them
+    (draft 2020-12 treats an unknown format so). Clients are told in ``X-Unchecked-Formats``."""
+    if not isinstance(schema, dict):
+        return []
+    known = _format_checker(_validator_class(schema)).checkers
+    return sorted({node["format"] for node in subschemas(schema)
+                   if isinstance(node.get("format"), str) and node["format"] not in known})
+
+
+def _patterns(schema: Any) -> Iterator[tuple[str, str]]:
+    """Every regex in a schema with where it is (the keyword and its JSON pointer)."""
+    for path, node in located_subschemas(schema):
         if isinstance(node.get("patternProperties"), dict):
-            yield from (("patternProperties key", pattern) for pattern in node["patternProperties"])
+            yield from ((f"patternProperties key at {path or '/'}", pattern) for pattern in node["patternProperties"])
         if isinstance(node.get("pattern"), str):
-            yield "pattern", node["pattern"]
+            yield f"pattern at {path}/pattern", node["pattern"]
 
 
 def _parses_anywhere(pattern: str) -> bool:
@@ -429,3 +445,49 @@ def validate_output(schema: dict | bool | None, text: str) -> Any:
         where = "/".join(str(part) for part in error.absolute_path) or "(root)"
         raise GenerationFailed(f"The model's answer does not match the schema at {where}: {error.message}")
     return value
+
+
+# Token budget estimates for a schema's largest answer (compact JSON, ~3 characters a token).
+_UNBOUNDED_STRING, _UNBOUNDED_ITEMS, _OPEN_PROPERTIES, _ANY_VALUE = 64, 16, 8, 256
+
+
+def token_estimate(schema: Any, root: Any = None, depth: int = 0) -> int:
+    """Roughly how many tokens the largest answer to ``schema`` takes: from maxLength, maxItems, enums and the
+    properties; unbounded strings count 64 tokens, unbounded arrays 16 items, open objects 8 extra properties."""
+    root = schema if root is None else root
+    node = _Shapes(root).resolve(schema) if isinstance(root, dict) and isinstance(schema, dict) else schema
+    if not isinstance(node, dict) or depth > 6:
+        return _ANY_VALUE if node is not False else 0
+    if "const" in node or isinstance(node.get("enum"), list):
+        values = [node["const"]] if "const" in node else node["enum"]
+        return max((len(json.dumps(value)) for value in values), default=1) // 3 + 2
+    branches = [b for key in ("anyOf", "oneOf", "allOf") for b in node.get(key) or () if isinstance(b, dict)]
+    if branches:
+        return max(token_estimate(branch, root, depth + 1) for branch in branches)
+    kind = node.get("type")
+    kind = kind[0] if isinstance(kind, list) and kind else kind
+    if kind == "object" or "properties" in node:
+        properties = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        total = sum(len(name) // 3 + 2 + token_estimate(sub, root, depth + 1) for name, sub in properties.items())
+        extra = node.get("additionalProperties", True)
+        if extra is not False or node.get("patternProperties"):
+            total += _OPEN_PROPERTIES * (4 + token_estimate(extra if isinstance(extra, dict) else {}, root,
+                                                            depth + 1))
+        return total + 2
+    if kind == "array" or "items" in node or "prefixItems" in node:
+        count = node.get("maxItems") if isinstance(node.get("maxItems"), int) else _UNBOUNDED_ITEMS
+        item = node.get("items") if isinstance(node.get("items"), dict) else {}
+        return 2 + count * (1 + token_estimate(item, root, depth + 1))
+    if kind == "string":
+        return node["maxLength"] // 2 + 2 if isinstance(node.get("maxLength"), int) else _UNBOUNDED_STRING
+    if kind in ("integer", "number"):
+        return 8
+    if kind in ("boolean", "null"):
+        return 2
+    return _ANY_VALUE
+
+
+def default_max_tokens(schema: Any, window: int) -> int:
+    """Twice the estimate of the largest answer (room for the model's choices), at least 64, at most the window."""
+    estimate = _ANY_VALUE if schema is None else token_estimate(schema)
+    return max(64, min(window, 2 * estimate + 16))

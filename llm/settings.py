@@ -151,6 +151,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Directory of personality files (`*.json`) and their schema."),
     Setting("LLM_REQUEST_TIMEOUT", "request_timeout", 300, _int(1),
             "Seconds a request may wait for its answer before it is cancelled."),
+    Setting("LLM_SCHEMA_ATTEMPTS", "schema_attempts", 3, _int(1, 10),
+            "Answers generated for one schema-constrained request before it is a 422: when the grammar enforces the "
+            "schema only as a superset (an overlapping oneOf, `not`, `uniqueItems`...), an answer that does not "
+            "validate is resampled with another seed."),
+    Setting("LLM_SCHEMA_TIMEOUT", "schema_timeout", 120, _int(1),
+            "Default seconds for all attempts of a /toil answer (clients may ask for less or more with `timeout`, "
+            "up to LLM_REQUEST_TIMEOUT)."),
     Setting("LLM_RAG_LENGTH", "rag_length", 1024, _int(0),
             "Tokens of fetched or retrieved context added to a prompt (cut at a sentence or entry boundary)."),
     Setting("LLM_FETCH_TIMEOUT", "fetch_timeout", 10.0, _float(0.1),

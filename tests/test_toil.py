@@ -42,9 +42,49 @@ def test_invalid_output_is_never_returned(client, fake_engine):
 
 def test_truncated_output_is_an_error(client, fake_engine):
     fake_engine.script(["{"] + ['"a' for _ in range(100)])
-    response = client.post("/toil/greedy", json={"prompt": "x", "schema": {"type": "object"}})
+    response = client.post("/toil/greedy", json={"prompt": "x", "schema": {"type": "object"}, "max_tokens": 50})
     assert response.status_code == 422
     assert "not complete" in response.get_json()["error"]["message"]
+    assert fake_engine.requests[-1].sampling.max_tokens == 50  # the client's limit
+
+
+def test_an_answer_that_fails_the_exact_schema_is_resampled(client, fake_engine):
+    """A superset grammar (here: uniqueItems) lets an invalid answer through; it is generated again."""
+    fake_engine.script(["[1,1]"])
+    fake_engine.script(["[1,2]"])
+    response = client.post("/toil/greedy", json={"prompt": "x", "schema": {"type": "array", "uniqueItems": True}})
+    assert response.status_code == 200 and response.get_json() == [1, 2]
+    first, second = fake_engine.requests[-2:]
+    assert second.sampling.seed is not None and second.sampling.temperature > 0  # greedy personality: resampled
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'llm_schema_answers_total{outcome="valid_after_resampling"} 1.0' in metrics
+
+
+def test_no_valid_answer_within_the_attempts_is_a_422(make_app, fake_engine):
+    client = make_app(LLM_SCHEMA_ATTEMPTS=2).test_client()
+    for _ in range(2):
+        fake_engine.script(["[1,1]"])
+    response = client.post("/toil/greedy", json={"prompt": "x", "schema": {"type": "array", "uniqueItems": True}})
+    assert response.status_code == 422 and "2 attempts" in response.get_json()["error"]["message"]
+
+
+def test_unknown_format_is_served_and_said(client, fake_engine):
+    fake_engine.script(['"#ff0000"'])
+    response = client.post("/toil/greedy", json={"prompt": "x", "schema": {"type": "string", "format": "color"}})
+    assert response.status_code == 200 and response.headers["X-Unchecked-Formats"] == "color"
+
+
+@pytest.mark.parametrize("body, needle", [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10**9}, "max_tokens"),
+                                          ({"timeout": 0}, "timeout"), ({"timeout": "soon"}, "timeout")])
+def test_client_limits_are_validated(client, body, needle):
+    response = client.post("/toil/greedy", json={"prompt": "x", **body})
+    assert response.status_code == 400 and needle in response.get_json()["error"]["message"]
+
+
+def test_default_token_budget_follows_the_schema(client, fake_engine):
+    fake_engine.script(['"a@b.example"'])
+    client.post("/toil/greedy", json={"prompt": "x", "schema": {"type": "string", "format": "email"}})
+    assert fake_engine.requests[-1].sampling.max_tokens == 144  # an unbounded string: seconds, not minutes
 
 
 @pytest.mark.parametrize("body, status, needle", [

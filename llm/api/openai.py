@@ -15,6 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from llm.api import structured
 from llm.auth import current_user
 from llm.chat import ActiveTurn
 from llm.engine import JsonConstraint
@@ -129,13 +130,28 @@ def chat_completions():
     data = body()
     name = _model_name(data)
     constraint, schema = response_constraint(data)
-    try:
-        turn = services().chat.start_messages(name, data.get("messages"), constraint=constraint,
-                                              sampling=sampling_options(data), user=current_user())
-    except PayloadTooLarge as error:
-        raise context_errors(error) from None
-    on_disconnect(turn.cancel)
+    sampling = sampling_options(data)
+
+    def start(options: dict, seconds: float | None = None) -> ActiveTurn:
+        try:
+            return services().chat.start_messages(name, data.get("messages"), constraint=constraint,
+                                                  sampling=options, user=current_user(), timeout=seconds)
+        except PayloadTooLarge as error:
+            raise context_errors(error) from None
+
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if constraint is not None and not data.get("stream"):  # validated, and resampled if the grammar is a superset
+        temperature = sampling.get("temperature")
+        if temperature is None:
+            temperature = services().personalities.get(name).sampling.get("temperature", 0.7)
+        turn, value = structured.answer(start, schema, sampling, services().settings.schema_timeout, temperature)
+        text = json.dumps(value, ensure_ascii=False)
+        return jsonify({"id": ident, "object": "chat.completion", "created": created, "model": name,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": "stop", "logprobs": None}],
+                        "usage": usage_of(turn)}), 200, structured.headers(schema)
+    turn = start(sampling)
+    on_disconnect(turn.cancel)
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         return sse(chat_chunks(turn, ident, created, name, include_usage, constraint, schema))
@@ -143,10 +159,6 @@ def chat_completions():
         text = "".join(turn.pieces())
     finally:
         turn.cancel()
-    if constraint is not None:
-        if turn.handle.finish_reason == "length":
-            raise IncompleteOutput("The JSON value was not complete within max_tokens; raise max_tokens.")
-        validate_output(schema, text)
     message = {"role": "assistant", "content": text}
     return jsonify({"id": ident, "object": "chat.completion", "created": created, "model": name,
                     "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(turn),

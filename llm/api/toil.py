@@ -1,9 +1,10 @@
 """``/toil/<personality>``: JSON in, JSON out, schema-valid by construction and checked before it leaves.
 
-Decoding is constrained token by token to the schema (or to any JSON object without one); the finished text
-is then parsed and validated with ``jsonschema``. A schema that is not valid is a 400, one the constraint
-engine cannot enforce a 422 naming the keywords, and an answer cut off by the token limit a 422: a client never
-receives a document that does not validate.
+Decoding is constrained token by token to the schema (or to any JSON object without one); the finished text is
+then parsed and validated with ``jsonschema``, and resampled when the grammar enforced only a superset
+(``llm.api.structured``). A schema that is not valid is a 400, one that cannot be served a 422 naming why, an
+answer cut off by the token limit a 422: a client never receives a document that does not validate. Clients may
+set ``max_tokens`` (up to the context window; default: the room left in it) and ``timeout`` (seconds).
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import re
 
 from flask import Blueprint, Response, current_app, request
 
+from llm.api import structured
 from llm.api.gpt import sources_headers
 from llm.auth import current_user
 from llm.engine import JsonConstraint
-from llm.errors import BadRequest, IncompleteOutput
-from llm.schema_support import check_schema, validate_output
-from llm.server import on_disconnect
+from llm.errors import BadRequest
+from llm.schema_support import check_schema, default_max_tokens
 
 blueprint = Blueprint("toil", __name__)
 URL = re.compile(r"^https?://\S+$", re.IGNORECASE)
-FIELDS = {"prompt", "schema", "text", "session"}
+FIELDS = {"prompt", "schema", "text", "session", "max_tokens", "timeout"}
 
 
 def instruction(schema) -> str:
@@ -53,7 +54,8 @@ def toil(personality: str):
     if schema is not None:
         check_schema(schema)
     llm = current_app.extensions["llm"]
-    llm.personalities.get(personality)  # 404 before any work
+    chosen = llm.personalities.get(personality)  # 404 before any work
+    max_tokens, timeout = structured.limits(body, llm.specs(chosen).context_window)
     prompt = body.get("prompt")
     text = (body.get("text") or "").strip()
     if isinstance(prompt, str) and prompt.strip():
@@ -61,19 +63,18 @@ def toil(personality: str):
             prompt = f"{text} {prompt}"
             text = ""
         prompt = f"{prompt}\n\n{instruction(schema)}"
-    turn = llm.chat.start(personality, prompt, conversation_id=body.get("session"),
-                          remember=body.get("session") is not None, constraint=JsonConstraint(schema),
-                          extra_context=text, channel="toil", user=current_user())
-    on_disconnect(turn.cancel)
-    try:
-        answer = "".join(turn.pieces())
-    finally:
-        turn.cancel()
-    if turn.handle.finish_reason == "length":
-        raise IncompleteOutput(
-            f"The JSON value was not complete after {turn.handle.usage.completion_tokens} tokens (the "
-            "personality's max_tokens); nothing is returned rather than a truncated document.")
-    value = validate_output(schema, answer)
+    # The room the value needs, estimated from the schema's bounds, up to the context window (the engine also
+    # stops at what the prompt leaves of it).
+    window = llm.specs(chosen).context_window
+    sampling = {"max_tokens": max_tokens or default_max_tokens(schema, window)}
+
+    def start(options: dict, seconds: float):
+        return llm.chat.start(personality, prompt, conversation_id=body.get("session"),
+                              remember=body.get("session") is not None, constraint=JsonConstraint(schema),
+                              extra_context=text, channel="toil", user=current_user(), sampling=options,
+                              timeout=seconds)
+
+    turn, value = structured.answer(start, schema, sampling, timeout, chosen.sampling.get("temperature", 0.7))
     turn.finish()
     return Response(json.dumps(value, ensure_ascii=False), mimetype="application/json",
-                    headers=sources_headers(turn))
+                    headers={**sources_headers(turn), **structured.headers(schema)})
