@@ -365,5 +365,22 @@ def storage_growth(target: Target) -> Iterator[Row]:
               statuses <= {400, 413} and after == before and missing == 20)
 
 
-ALL_KEYED = (redos, cache_isolation, special_tokens, keys_out_of_urls, hosts_and_origins, conversation_ids,
-             storage_growth)
+
+
+def trickled_body(target: Target) -> Iterator[Row]:
+    """A request body sent a byte at a time, slower than the header timeout, is cut off instead of holding on."""
+    sock = socket.create_connection((target.host, target.port), timeout=60)
+    try:
+        sock.sendall(f"POST /gpt/{target.personality} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
+                     "X-API-Key: k1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+        started, answered = time.monotonic(), b""
+        sock.settimeout(target.header_timeout * 3 + 10)
+        try:
+            answered = sock.recv(1024)
+        except TimeoutError:
+            pass
+        took = time.monotonic() - started
+    finally:
+        sock.close()
+    yield Row("request body that stops arriving", f"answered or closed within ~{target.header_timeout:g} s",
+              f"{answered[:12]!r} after {took:.1f} s", took < target.header_timeout * 3 + 5)

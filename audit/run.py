@@ -97,7 +97,7 @@ def audit_service(name: str, command: list[str]) -> list[tuple[str, probes.Row]]
         target = service.target()
         for probe in (probes.redos, probes.connections, probes.cache_isolation, probes.special_tokens,
                       probes.keys_out_of_urls, probes.hosts_and_origins, probes.conversation_ids,
-                      probes.storage_growth, probes.wrong_keys_throttled):
+                      probes.storage_growth, probes.trickled_body, probes.wrong_keys_throttled):
             rows += [(name, row) for row in probe(target)]
         rows.append((name, wal_mode(service)))
     finally:

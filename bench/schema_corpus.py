@@ -6,7 +6,7 @@ schema the service accepts is answered through ``/toil`` on the default model an
 here; llama.cpp's grammar, where it parsed, generates an answer on the same model, validated the same way (so
 "would its output validate" is measured, not assumed). Prints one row per schema and the totals.
 
-    python bench/schema_corpus.py [--answer] [--max-tokens 512] [--timeout 60]
+    python bench/schema_corpus.py [--answer] [--max-tokens 256] [--timeout 60]
 """
 
 from __future__ import annotations
@@ -55,13 +55,14 @@ def ours(schemas: list[tuple[str, dict]], compiler) -> list[str]:
     return verdicts
 
 
-def llama_side(schemas: list[tuple[str, dict]], model_path: str, answer: bool, max_tokens: int) -> list[dict]:
-    """llama.cpp's converter and parser per schema, in a child process (a C++ abort fails only that schema)."""
+def llama_side(schemas: list[tuple[str, dict]], model_path: str, answer: list[bool], max_tokens: int) -> list[dict]:
+    """llama.cpp's converter and parser per schema, in a child process (a C++ abort fails only that schema);
+    an answer under its grammar where ``answer`` says (the schemas our service answers, for a fair comparison)."""
     import subprocess
 
     results = []
-    for _, schema in schemas:
-        request = json.dumps({"schema": schema, "answer": answer, "max_tokens": max_tokens})
+    for (_, schema), wanted in zip(schemas, answer, strict=True):
+        request = json.dumps({"schema": schema, "answer": wanted, "max_tokens": max_tokens})
         try:
             done = subprocess.run([sys.executable, __file__, "--llama-worker", model_path], input=request,
                                   capture_output=True, text=True, timeout=300)
@@ -133,7 +134,7 @@ def answers(schemas: list[tuple[str, dict]], verdicts: list[str], args) -> list[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--answer", action="store_true", help="also answer each schema on the default model")
-    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--llama-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,7 +151,8 @@ def main() -> int:
     vocab_model = llama_cpp.Llama(model_path, vocab_only=True, verbose=False)
     schemas = corpus()
     verdicts = ours(schemas, ConstraintCompiler.for_llama_model(vocab_model))
-    llama = llama_side(schemas, model_path, args.answer, args.max_tokens)
+    accepted = [args.answer and not verdict.startswith("refused") for verdict in verdicts]
+    llama = llama_side(schemas, model_path, accepted, args.max_tokens)
     served = answers(schemas, verdicts, args) if args.answer else ["-"] * len(schemas)
     print("| schema | size | ours | our /toil answer | llama.cpp GBNF | its answer |")
     print("|---|---|---|---|---|---|")

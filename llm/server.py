@@ -6,7 +6,8 @@ every socket: an idle websocket or a half-sent request costs a few kilobytes, no
 request's headers have fully arrived (a2wsgi's thread pool, ``LLM_HTTP_THREADS``), and a websocket takes a thread
 only while an answer is being generated for it. On top of uvicorn's own limits (websocket ping and timeout, idle
 keep-alive), ``GuardedH11Protocol`` closes connections whose request headers do not arrive within
-``LLM_HEADER_TIMEOUT`` seconds and refuses more than ``LLM_MAX_CONNECTIONS_PER_ADDRESS`` from one address.
+``LLM_HEADER_TIMEOUT`` seconds and refuses more than ``LLM_MAX_CONNECTIONS_PER_ADDRESS`` from one address, and a
+request body that stops arriving for as long is treated as a disconnect (the Flask thread is freed).
 
 Both ``make run`` and ``make serve`` (and the Docker image) use this stack: one process, since the model lives
 in it.
@@ -85,10 +86,16 @@ class ServiceApp:
         sends that silently go nowhere (a streaming answer would run on for no one)."""
         signal = Disconnect()
         inbox: asyncio.Queue = asyncio.Queue()
+        patience = self.settings.header_timeout
 
         async def pump() -> None:
+            body_pending = True
             while True:
-                message = await receive()
+                try:  # a body must keep arriving, or it would hold a Flask thread for as long as it trickles
+                    message = await (asyncio.wait_for(receive(), patience) if body_pending else receive())
+                except TimeoutError:
+                    message = {"type": "http.disconnect"}
+                body_pending = message["type"] == "http.request" and message.get("more_body", False)
                 await inbox.put(message)
                 if message["type"] == "http.disconnect":
                     signal.fire()
@@ -130,11 +137,12 @@ class GuardedH11Protocol(H11Protocol):
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
+        before = self.cycle
         super().data_received(data)
-        if self.cycle is not None and self.scope is not None:
+        if self.cycle is not before:
             self._disarm_header_timer()  # a whole request head arrived
-        if self.cycle is None or self.cycle.response_complete:
-            self._arm_header_timer()
+        elif self.cycle is None or self.cycle.response_complete:
+            self._arm_header_timer()  # part of a head: the clock started at its first byte keeps running
 
     def handle_websocket_upgrade(self, event) -> None:
         self._disarm_header_timer()  # the websocket protocol takes the connection over, with its own pings

@@ -31,7 +31,8 @@ def audited(make_app):
 
 
 @pytest.mark.parametrize("probe", [probes.connections, probes.keys_out_of_urls, probes.wrong_keys_throttled,
-                                   probes.hosts_and_origins, probes.conversation_ids, probes.storage_growth],
+                                   probes.hosts_and_origins, probes.conversation_ids, probes.storage_growth,
+                                   probes.trickled_body],
                          ids=lambda probe: probe.__name__)
 def test_web_layer_probe(audited, probe):
     run(probe, audited[1])

@@ -232,12 +232,13 @@ async def serve_websocket(app: Flask, scope: dict, receive, send) -> None:
         return
     try:
         await send({"type": "websocket.accept"})
-        await _converse(app, llm, registry, scope, receive, send, user, charge, route["personality"])
+        await _converse(llm, registry, scope, receive, send, user, charge, route["personality"])
     finally:
         registry.release(who)
 
 
-async def _converse(app, llm, registry, scope, receive, send, user, charge, personality) -> None:
+async def _converse(llm, registry, scope, receive, send, user, charge, personality) -> None:
+    """Read frames until the socket closes; prompts are answered one after another in the answer pool."""
     loop = asyncio.get_running_loop()
     started = time.monotonic()
 

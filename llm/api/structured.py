@@ -24,7 +24,7 @@ from llm.server import on_disconnect
 RETRY_TEMPERATURE = 0.7  # a greedy personality would answer the same again: resamples need some temperature
 
 
-def limits(body: dict, window: int) -> tuple[int | None, float]:
+def client_limits(body: dict, window: int) -> tuple[int | None, float]:
     """The client's ``max_tokens`` (up to the context window) and ``timeout`` seconds, validated."""
     settings = current_app.extensions["llm"].settings
     max_tokens, timeout = body.get("max_tokens"), body.get("timeout", settings.schema_timeout)

@@ -55,7 +55,7 @@ def toil(personality: str):
         check_schema(schema)
     llm = current_app.extensions["llm"]
     chosen = llm.personalities.get(personality)  # 404 before any work
-    max_tokens, timeout = structured.limits(body, llm.specs(chosen).context_window)
+    max_tokens, timeout = structured.client_limits(body, llm.specs(chosen).context_window)
     prompt = body.get("prompt")
     text = (body.get("text") or "").strip()
     if isinstance(prompt, str) and prompt.strip():
