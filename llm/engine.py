@@ -38,6 +38,8 @@ class SamplingParams:
     max_tokens: int = 512
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    ignore_eos: bool = False  # keep generating past end-of-generation tokens, up to max_tokens
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], base: SamplingParams | None = None) -> SamplingParams:
@@ -47,6 +49,8 @@ class SamplingParams:
         if "stop" in changes:
             stop = changes["stop"]
             changes["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        if "logit_bias" in changes and isinstance(changes["logit_bias"], dict):
+            changes["logit_bias"] = tuple((int(token), float(bias)) for token, bias in changes["logit_bias"].items())
         return replace(base or cls(), **changes)
 
 

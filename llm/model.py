@@ -83,6 +83,7 @@ class LoadedModel:
         self.chat_format: ChatFormat = choose_format(self.metadata, settings.chat_format, self.bos_text, self.eos_text,
                                                      self.add_bos)
         self._special_ids, self._specials = self._special_tokens()
+        self.end_tokens = tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
         self._trusted_cache: dict[str, list[tuple[str, int | None]]] = {}
         log.info("loaded %s (%s, chat format %s, %d GPU layers)", spec.name, self.architecture,
                  self.chat_format.name, self.gpu_layers)

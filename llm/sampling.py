@@ -20,10 +20,16 @@ from llm.engine import SamplingParams
 _DRY_BREAKERS = ("\n", ":", '"', "*")
 
 
-def build_sampler(params: SamplingParams, vocab, n_vocab: int):
-    """A sampler chain for one request; the caller frees it with ``llama_sampler_free``."""
+def build_sampler(params: SamplingParams, vocab, n_vocab: int, end_tokens: tuple[int, ...] = ()):
+    """A sampler chain for one request; the caller frees it with ``llama_sampler_free``.
+
+    ``end_tokens`` (the vocabulary's end-of-generation tokens) are forbidden when the request ignores EOS."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = lambda sampler: llama_cpp.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+    biases = list(params.logit_bias) + [(token, float("-inf")) for token in end_tokens if params.ignore_eos]
+    if biases:
+        array = (llama_cpp.llama_logit_bias * len(biases))(*(llama_cpp.llama_logit_bias(t, b) for t, b in biases))
+        add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array))
     if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
         add(llama_cpp.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty,
                                                    params.frequency_penalty, params.presence_penalty))

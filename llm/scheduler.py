@@ -339,7 +339,7 @@ class Scheduler:
     def _start(self, slot: Slot, job: Job) -> None:
         model = self.model
         job.pending = job.prompt[len(slot.tokens):]
-        job.sampler = build_sampler(job.sampling, model.vocab, model.n_vocab)
+        job.sampler = build_sampler(job.sampling, model.vocab, model.n_vocab, model.end_tokens)
         job.stream = TextStream(tuple(job.sampling.stop) + job.stops)
         slot.job, slot.conversation, slot.owner, slot.last_used = job, job.conversation, job.owner, time.monotonic()
         self.counters["cache_hit_tokens"] += job.cached

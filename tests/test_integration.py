@@ -156,3 +156,22 @@ def test_prompt_too_large_is_413_with_counts(real_app):
     message = response.get_json()["error"]["message"]
     assert "tokens" in message and "1024" in message
 
+
+
+def test_ignore_eos_runs_to_max_tokens_and_logit_bias_steers(real_app):
+    from llm.engine import GenerationRequest, SamplingParams
+
+    engine, spec = real_app.extensions["llm"].engine, real_app.extensions["llm"].specs()
+    messages = [{"role": "user", "content": "Say yes."}]
+    short = engine.submit(GenerationRequest(spec, messages, SamplingParams(temperature=0, max_tokens=64)))
+    text = short.text()
+    assert short.finish_reason == "stop" and short.usage.completion_tokens < 64
+    longer = engine.submit(GenerationRequest(spec, messages, SamplingParams(temperature=0, max_tokens=64,
+                                                                             ignore_eos=True)))
+    longer.text()
+    assert longer.finish_reason == "length" and longer.usage.completion_tokens == 64
+    model = engine._worker(spec).model
+    first = model.tokenize_plain(text)[0]
+    steered = engine.submit(GenerationRequest(spec, messages, SamplingParams(
+        temperature=0, max_tokens=8, logit_bias=((first, float("-inf")),)))).text()
+    assert not steered.startswith(model.piece(first).decode("utf-8", "replace"))

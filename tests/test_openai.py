@@ -96,7 +96,7 @@ def test_structured_output_never_returns_invalid(oai, fake_engine):
     (lambda c: c.chat.completions.create(model="greedy", messages=[]), openai.BadRequestError, 400),
     (lambda c: c.chat.completions.create(model="greedy", messages=[{"role": "wizard", "content": "x"}]),
      openai.BadRequestError, 400),
-    (lambda c: c.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}], n=3),
+    (lambda c: c.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}], n=9),
      openai.BadRequestError, 400),
     (lambda c: c.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}],
                                          temperature=9), openai.BadRequestError, 400),
@@ -188,3 +188,36 @@ def test_client_disconnect_stops_streaming_generation(live_fake, fake_engine):
     # The server notices the disconnect itself (not at its next failed write) and cancels at once; the wait is
     # generous for busy machines and fails only if cancellation never happens.
     assert fake_engine.cancelled.wait(60)
+
+
+def test_several_choices_are_decoded_together(oai, fake_engine):
+    for text in ("One.", "Two.", "Three."):
+        fake_engine.script([text])
+    reply = oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}], n=3, seed=7)
+    assert [choice.index for choice in reply.choices] == [0, 1, 2]
+    assert sorted(choice.message.content for choice in reply.choices) == ["One.", "Three.", "Two."]
+    assert sorted(r.sampling.seed for r in fake_engine.requests[-3:]) == [7, 8, 9]  # each choice its own seed
+    assert reply.usage.completion_tokens == 3
+
+
+def test_llama_server_parameters_are_honoured(oai, fake_engine):
+    oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}], logit_bias={"42": -100},
+                                extra_body={"top_k": 7, "min_p": 0.2, "repeat_penalty": 1.3, "ignore_eos": True})
+    sampling = fake_engine.requests[-1].sampling
+    assert (sampling.top_k, sampling.min_p, sampling.repeat_penalty, sampling.ignore_eos) == (7, 0.2, 1.3, True)
+    assert sampling.logit_bias == ((42, -100.0),)
+
+
+@pytest.mark.parametrize("extra", [{"logprobs": True}, {"top_logprobs": 2}, {"tools": [{"type": "function",
+                                   "function": {"name": "f", "parameters": {"type": "object"}}}]}])
+def test_parameters_not_supported_yet_are_refused_by_name(oai, extra):
+    name = next(iter(extra))
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}], **extra)
+    assert caught.value.body["param"] == name and name in caught.value.body["message"]
+
+
+def test_models_say_their_context_length_and_capabilities(oai):
+    card = oai.models.retrieve("greedy").model_dump()
+    assert card["context_length"] > 0 and card["capabilities"]["json_schema"] is True
+    assert card["capabilities"]["tools"] is False

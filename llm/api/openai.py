@@ -48,10 +48,41 @@ def _number(data: dict, name: str, low: float, high: float, integer: bool = Fals
     return value
 
 
+# OpenAI parameters this API does not honour yet: a 400 naming them, never a silent answer without them.
+NOT_YET = ("logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+           "audio", "modalities", "prediction", "web_search_options", "suffix", "echo", "best_of")
+MAX_CHOICES = 8
+
+
+def refuse_unsupported(data: dict) -> None:
+    for name in NOT_YET:
+        if data.get(name) not in (None, False, 0):
+            raise BadRequest(f"'{name}' is not supported by this service yet.", param=name)
+
+
+def choices_wanted(data: dict) -> int:
+    """``n``: several answers to one request, decoded together in the batch (not with stream or a schema)."""
+    count = _number(data, "n", 1, MAX_CHOICES, True) or 1
+    if count > 1 and (data.get("stream") or data.get("response_format")):
+        raise BadRequest("'n' above 1 is supported without stream and response_format only.", param="n")
+    return count
+
+
+def _logit_bias(data: dict) -> dict[int, float] | None:
+    bias = data.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict) or len(bias) > 300 or not all(
+            str(token).isdigit() and isinstance(value, int | float) and not isinstance(value, bool)
+            and -100 <= value <= 100 for token, value in bias.items()):
+        raise BadRequest("'logit_bias' must map up to 300 token ids to numbers from -100 to 100.",
+                         param="logit_bias")
+    return {int(token): float(value) for token, value in bias.items()}
+
+
 def sampling_options(data: dict) -> dict[str, Any]:
-    """OpenAI parameters mapped onto our sampling settings (None means the personality's default)."""
-    if data.get("n", 1) != 1:
-        raise BadRequest("Only n=1 is supported.", param="n")
+    """OpenAI (and llama-server) parameters mapped onto our sampling settings (None: the personality's default)."""
+    refuse_unsupported(data)
     stop = data.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -63,7 +94,18 @@ def sampling_options(data: dict) -> dict[str, Any]:
     return {"temperature": _number(data, "temperature", 0, 2), "top_p": _number(data, "top_p", 0.0001, 1),
             "seed": _number(data, "seed", 0, 2**63, True), "max_tokens": max_tokens, "stop": stop,
             "presence_penalty": _number(data, "presence_penalty", -2, 2),
-            "frequency_penalty": _number(data, "frequency_penalty", -2, 2)}
+            "frequency_penalty": _number(data, "frequency_penalty", -2, 2),
+            # llama-server's own parameters (the openai SDK sends them through extra_body)
+            "top_k": _number(data, "top_k", 0, 1 << 20, True), "min_p": _number(data, "min_p", 0, 1),
+            "repeat_penalty": _number(data, "repeat_penalty", 0, 10), "logit_bias": _logit_bias(data),
+            "ignore_eos": _flag(data, "ignore_eos")}
+
+
+def _flag(data: dict, name: str) -> bool | None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be true or false.", param=name)
+    return value
 
 
 def response_constraint(data: dict) -> tuple[JsonConstraint | None, Any]:
@@ -91,31 +133,39 @@ def context_errors(error: PayloadTooLarge) -> BadRequest:
     return converted
 
 
-def usage_of(turn: ActiveTurn) -> dict[str, int]:
-    usage = turn.handle.usage
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+def usage_of(*turns: ActiveTurn) -> dict[str, int]:
+    """Usage of one answer, or of several choices to one prompt (its tokens counted once, as OpenAI does)."""
+    first = turns[0].handle.usage
+    completion = sum(turn.handle.usage.completion_tokens for turn in turns)
+    return {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": first.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
 
 
 def finish_reason(turn: ActiveTurn) -> str:
     return "length" if turn.handle.finish_reason == "length" else "stop"
 
 
+# What /v1 does with a personality today, so clients can tell before they try.
+CAPABILITIES = {"chat": True, "completions": True, "streaming": True, "json_schema": True, "n": True,
+                "tools": False, "logprobs": False, "embeddings": False}
+
+
+def model_card(personality) -> dict:
+    spec = services().specs(personality)
+    return {"id": personality.name, "object": "model", "created": 0, "owned_by": "local",
+            "description": personality.description, "gguf": spec.name, "context_length": spec.context_window,
+            "language": personality.language, "capabilities": CAPABILITIES}
+
+
 @blueprint.get("/models")
 def models():
-    llm = services()
-    data = [{"id": p.name, "object": "model", "created": 0, "owned_by": "local",
-             "description": p.description, "gguf": llm.specs(p).name} for p in llm.personalities.all()]
-    return jsonify({"object": "list", "data": data})
+    return jsonify({"object": "list", "data": [model_card(p) for p in services().personalities.all()]})
 
 
 @blueprint.get("/models/<name>")
 def model(name: str):
-    llm = services()
-    personality = llm.personalities.get(name)
-    return jsonify({"id": name, "object": "model", "created": 0, "owned_by": "local",
-                    "description": personality.description, "gguf": llm.specs(personality).name})
+    return jsonify(model_card(services().personalities.get(name)))
 
 
 def _model_name(data: dict) -> str:
@@ -150,20 +200,32 @@ def chat_completions():
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                      "finish_reason": "stop", "logprobs": None}],
                         "usage": usage_of(turn)}), 200, structured.headers(schema)
-    turn = start(sampling)
-    on_disconnect(turn.cancel)
+    count = choices_wanted(data)
     if data.get("stream"):
+        turn = start(sampling)
+        on_disconnect(turn.cancel)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         return sse(chat_chunks(turn, ident, created, name, include_usage, constraint, schema))
-    try:
-        text = "".join(turn.pieces())
-    finally:
-        turn.cancel()
-    message = {"role": "assistant", "content": text}
+    turns, texts = run_choices(start, sampling, count)
+    choices = [{"index": index, "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason(turn), "logprobs": None}
+               for index, (turn, text) in enumerate(zip(turns, texts, strict=True))]
     return jsonify({"id": ident, "object": "chat.completion", "created": created, "model": name,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(turn),
-                                 "logprobs": None}],
-                    "usage": usage_of(turn)})
+                    "choices": choices, "usage": usage_of(*turns)})
+
+
+def run_choices(start, sampling: dict, count: int) -> tuple[list[ActiveTurn], list[str]]:
+    """``count`` answers submitted together (the scheduler decodes them in one batch), each with its own seed."""
+    seed = sampling.get("seed")
+    turns = [start(sampling if count == 1 else {**sampling, "seed": None if seed is None else seed + index})
+             for index in range(count)]
+    for turn in turns:
+        on_disconnect(turn.cancel)
+    try:
+        return turns, ["".join(turn.pieces()) for turn in turns]
+    finally:
+        for turn in turns:
+            turn.cancel()
 
 
 def chat_chunks(turn: ActiveTurn, ident: str, created: int, name: str, include_usage: bool,
@@ -213,21 +275,24 @@ def completions():
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
-    try:
-        turn = services().chat.start_raw(name, prompt, sampling_options(data), user=current_user())
-    except PayloadTooLarge as error:
-        raise context_errors(error) from None
-    on_disconnect(turn.cancel)
+    sampling, count = sampling_options(data), choices_wanted(data)
+
+    def start(options: dict) -> ActiveTurn:
+        try:
+            return services().chat.start_raw(name, prompt, options, user=current_user())
+        except PayloadTooLarge as error:
+            raise context_errors(error) from None
+
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if data.get("stream"):
+        turn = start(sampling)
+        on_disconnect(turn.cancel)
         return sse(text_chunks(turn, ident, created, name))
-    try:
-        text = "".join(turn.pieces())
-    finally:
-        turn.cancel()
+    turns, texts = run_choices(start, sampling, count)
     return jsonify({"id": ident, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish_reason(turn), "logprobs": None}],
-                    "usage": usage_of(turn)})
+                    "choices": [{"index": index, "text": text, "finish_reason": finish_reason(turn), "logprobs": None}
+                                for index, (turn, text) in enumerate(zip(turns, texts, strict=True))],
+                    "usage": usage_of(*turns)})
 
 
 def text_chunks(turn: ActiveTurn, ident: str, created: int, name: str) -> Iterator[dict]:
