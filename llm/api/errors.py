@@ -24,7 +24,12 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404:
 
 
 def error_body(message: str, kind: str, status: int, param: str | None = None, code: str | None = None) -> dict:
-    """The JSON body of an error, in OpenAI's shape under /v1 and ours elsewhere."""
+    """The JSON body of an error, in Anthropic's shape under /v1/messages, OpenAI's elsewhere under /v1, ours
+    everywhere else."""
+    if request.path.startswith("/v1/messages"):
+        from llm.api.anthropic import error_body as anthropic_error
+
+        return anthropic_error(message, status)
     if request.path.startswith("/v1/"):
         return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"),
                           "param": param, "code": code or kind}}

@@ -250,22 +250,30 @@ def chat_chunks(turn: ActiveTurn, ident: str, created: int, name: str, include_u
                "usage": usage_of(turn)}
 
 
-def sse(events: Iterator[dict]) -> Response:
-    """Server-sent events ending with ``[DONE]``; an error mid-stream becomes an error event; a client that
-    goes away cancels generation."""
+def sse_lines(events: Iterator[dict], named: bool = False) -> Iterator[str]:
+    """Events as server-sent event lines; an error mid-stream becomes an error event. ``named``: Anthropic's
+    style (``event: <type>`` lines, no ``[DONE]``); else OpenAI's (``data:`` only, ending with ``[DONE]``)."""
+    try:
+        for event in events:
+            head = f"event: {event['type']}\n" if named else ""
+            yield f"{head}data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    except ServiceError as error:
+        if named:
+            from llm.api.anthropic import error_body
 
-    def stream() -> Iterator[str]:
-        try:
-            for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-        except ServiceError as error:
+            yield f"event: error\ndata: {json.dumps(error_body(error.message, error.status))}\n\n"
+        else:
             yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.type, 'code': None}})}\n\n"
-        finally:
-            events.close()  # runs the generator's cleanup, which cancels the engine request
+    finally:
+        events.close()  # runs the generator's cleanup, which cancels the engine request
+    if not named:
         yield "data: [DONE]\n\n"
 
-    return Response(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
-                                                                      "X-Accel-Buffering": "no"})
+
+def sse(events: Iterator[dict]) -> Response:
+    """OpenAI's server-sent events; a client that goes away cancels generation."""
+    return Response(sse_lines(events), mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                               "X-Accel-Buffering": "no"})
 
 
 @blueprint.post("/completions")
