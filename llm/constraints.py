@@ -26,6 +26,7 @@ from llm.schema_support import (
     normalise,
     overlapping_one_of,
     validate_output,
+    without_keywords,
     without_ref_siblings,
 )
 
@@ -36,6 +37,7 @@ _ONE_OF_COERCED = "oneOf not fully supported, falling back to anyOf"
 # (and resampled when it fails), so the schema is served instead of refused.
 _SUPERSET_ABLE = ("Unimplemented keys:", "Unknown format:", "oneOf constraints are not supported")
 _RECURSIVE_SIBLINGS = "circular references with sibling keys are not supported"
+_PROPERTY_COUNTS = "min/maxProperties only supported when all keys listed"
 _ANY_OBJECT: dict = {"type": "object"}
 _FEW_WORDS = 256  # below this many mask words to expand, per-bit indexing beats a full pass
 _BIT = np.arange(32, dtype=np.int32)
@@ -241,6 +243,10 @@ class ConstraintCompiler:
         matcher = self._matcher(schema, lenient=False)
         if _RECURSIVE_SIBLINGS in matcher.get_error():
             schema, loosened = without_ref_siblings(schema), ("keywords beside a recursive $ref",)
+            matcher = self._matcher(schema, lenient=False)
+        if _PROPERTY_COUNTS in matcher.get_error():
+            schema = without_keywords(schema, frozenset({"minProperties", "maxProperties"}))
+            loosened += ("minProperties/maxProperties with optional properties",)
             matcher = self._matcher(schema, lenient=False)
         if matcher.get_error().startswith(_SUPERSET_ABLE):
             matcher = self._matcher(schema, lenient=True)

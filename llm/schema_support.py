@@ -152,6 +152,15 @@ def normalise(schema: Any) -> Any:
     return schema
 
 
+def without_keywords(schema: dict, keywords: frozenset[str]) -> dict:
+    """A superset for the grammar: these (narrowing) keywords dropped everywhere; the validator still checks them."""
+    schema = json.loads(json.dumps(schema))
+    for node in subschemas(schema):
+        for key in keywords & node.keys():
+            del node[key]
+    return schema
+
+
 def without_ref_siblings(schema: dict) -> dict:
     """A superset for the grammar: keywords beside each ``$ref`` dropped (they only narrow what the reference
     allows; in 2019-09 and later they apply together with it). llguidance cannot combine them with a recursive

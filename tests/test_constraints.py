@@ -140,6 +140,8 @@ SUPERSETS = [  # (schema, what the grammar says it loosened): served, then every
     ({"type": "object", "oneOf": [{"required": ["a"]}, {"required": ["b"]}]}, "oneOf"),
     ({"$id": "x", "type": "object", "properties": {"child": {"$ref": "#", "maxProperties": 2}}},
      "keywords beside a recursive $ref"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "minProperties": 1},
+     "minProperties/maxProperties"),
 ]
 
 

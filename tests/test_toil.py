@@ -130,3 +130,13 @@ def test_real_model_output_validates(real_app, schema):
         return
     assert response.status_code == 200, body
     jsonschema.validate(body, schema, format_checker=jsonschema.FormatChecker())
+
+
+def test_a_large_schema_is_summarised_in_the_prompt_not_pasted(client, fake_engine):
+    """The grammar carries the structure; a schema of thousands of tokens would crowd the question out."""
+    schema = {"type": "object", "properties": {f"field_{i}": {"type": "string", "description": "x" * 80}
+                                               for i in range(40)}}
+    fake_engine.script(['{"field_0": "a"}'])
+    assert client.post("/toil/greedy", json={"prompt": "Fill it in.", "schema": schema}).status_code == 200
+    asked = fake_engine.requests[-1].messages[-1]["content"]
+    assert "field_0, field_1" in asked and "description" not in asked and len(asked) < 1500

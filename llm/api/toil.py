@@ -26,11 +26,20 @@ URL = re.compile(r"^https?://\S+$", re.IGNORECASE)
 FIELDS = {"prompt", "schema", "text", "session", "max_tokens", "timeout"}
 
 
+SCHEMA_IN_PROMPT_CHARS = 2000  # about 600 tokens: a large schema would crowd the question out of the window
+
+
 def instruction(schema) -> str:
-    """Tell the model what is wanted; the constraint guarantees it, this makes the content sensible."""
+    """Tell the model what is wanted; the constraint guarantees the structure, this makes the content sensible.
+    A large schema is summarised by its top-level fields: the grammar carries the rest."""
     if schema is None:
         return "Answer with a JSON object."
-    return "Answer with JSON that follows this JSON Schema:\n" + json.dumps(schema, ensure_ascii=False)
+    text = json.dumps(schema, ensure_ascii=False)
+    if len(text) <= SCHEMA_IN_PROMPT_CHARS:
+        return "Answer with JSON that follows this JSON Schema:\n" + text
+    fields = list(schema.get("properties", {})) if isinstance(schema, dict) else []
+    named = f" with the fields {', '.join(fields[:30])}" if fields else ""
+    return f"Answer with a JSON document{named}."
 
 
 def parse_body() -> dict:
