@@ -148,7 +148,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_MODEL_CACHE_DIR", "model_cache_dir", os.path.join("~", ".cache", "llm-service"), _text,
             "Directory where the verified checksum of the embedded default model is remembered."),
     Setting("LLM_PERSONALITIES_DIR", "personalities_dir", "personalities", _text,
-            "Directory of personality files (`*.json`) and their schema."),
+            "Directory of personality files (`*.toml`), validated against `personalities/schema.json`."),
     Setting("LLM_REQUEST_TIMEOUT", "request_timeout", 300, _int(1),
             "Seconds a request may wait for its answer before it is cancelled."),
     Setting("LLM_SCHEMA_ATTEMPTS", "schema_attempts", 3, _int(1, 10),
