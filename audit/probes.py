@@ -59,12 +59,19 @@ class Target:
     def socket(self, headers: dict | None = None, source: str | None = None, query: str = "",
                timeout: float = 300, origin: str | None = None) -> websocket.WebSocket:
         # Connecting from another loopback address (127.0.0.0/8 is all this machine) stands for another client.
-        options = {"socket": socket.create_connection((self.host, self.port), timeout=timeout,
-                                                      source_address=(source, 0))} if source else {}
+        raw = socket.create_connection((self.host, self.port), timeout=timeout, source_address=(source, 0)) \
+            if source else None
+        options = {"socket": raw} if raw else {}
         if origin:
             options["origin"] = origin
-        return websocket.create_connection(f"{self.ws_url}/gpt-socket/{self.personality}{query}", timeout=timeout,
-                                           header=[f"{k}: {v}" for k, v in (headers or {}).items()], **options)
+        lines = [f"{name}: {value}" for name, value in (headers or {}).items()]
+        try:
+            return websocket.create_connection(f"{self.ws_url}/gpt-socket/{self.personality}{query}",
+                                               timeout=timeout, header=lines, **options)
+        except Exception:
+            if raw is not None:  # a refused handshake leaves the socket we made to us
+                raw.close()
+            raise
 
 
 def _health_latencies(target: Target, stop: threading.Event, found: list[float]) -> None:

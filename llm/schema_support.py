@@ -18,6 +18,7 @@ from typing import Any
 
 import jsonschema
 import llguidance
+import regress
 from jsonschema import validators
 from jsonschema.exceptions import ValidationError
 
@@ -402,14 +403,22 @@ def _linear_validator(cls: type) -> type:
 
 def _format_checker(cls: type) -> jsonschema.FormatChecker:
     """The draft's format checker plus RFC 3339 date-time and time, which jsonschema checks only with an extra;
-    the ``regex`` format is checked by compiling on RE2, never on Python's re."""
+    the ``regex`` format is ECMA-262 syntax (JSON Schema's), parsed by regress instead of Python's re."""
     checker = copy.deepcopy(cls.FORMAT_CHECKER)
-    if "regex" in checker.checkers:
-        checker.checks("regex")(lambda value: not isinstance(value, str) or safe_regex.is_valid(value))
+    if "regex" in checker.checkers:  # ECMA-262 syntax, parsed (never run) by regress
+        checker.checks("regex")(lambda value: not isinstance(value, str) or _is_ecma_regex(value))
     for name, with_date in (("date-time", True), ("time", False)):
         if name not in checker.checkers:
             checker.checks(name)(lambda value, with_date=with_date: _is_rfc3339(value, with_date))
     return checker
+
+
+def _is_ecma_regex(value: str) -> bool:
+    try:
+        regress.Regex(value)
+    except (regress.RegressError, ValueError):
+        return False
+    return True
 
 
 def _is_rfc3339(value: Any, with_date: bool) -> bool:
