@@ -175,14 +175,20 @@ class Observer:
                           answer=turn.text)
         log.log(logging.WARNING if error is not None else logging.INFO, "generation finished", extra=fields)
 
-    def feedback(self, personality: str, up: bool) -> None:
-        """A thumbs up (``up``) or down on one of this personality's answers."""
+    def feedback(self, personality: str, up: bool, previous: int | None = None) -> None:
+        """A thumbs up (``up``) or down on one of this personality's answers; ``previous`` is the answer's earlier
+        rating (+1/-1), so a comment on a rated answer, or a change of mind, is not counted as another rating."""
+        if previous is not None and (previous > 0) == up:
+            return
         name = self.label(personality) or "-"
         self.metrics.feedback.labels(name, "up" if up else "down").inc()
         with self._lock:
             if name not in self._feedback and len(self._feedback) >= MAX_FEEDBACK_KEYS:
                 return
-            self._feedback.setdefault(name, [0, 0])[0 if up else 1] += 1
+            counts = self._feedback.setdefault(name, [0, 0])
+            if previous is not None:
+                counts[0 if previous > 0 else 1] = max(0, counts[0 if previous > 0 else 1] - 1)
+            counts[0 if up else 1] += 1
 
     # ----- helpers ---------------------------------------------------------------------------------------
 

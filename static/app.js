@@ -136,6 +136,7 @@ function sendPrompt(prompt) {
     return false;
   }
   state.lastPrompt = prompt;
+  state.fresh = null; // from now on the server has turns to give back
   view.addUserMessage(prompt);
   const answer = addAnswer(prompt);
   state.socket.send(sessionMarker() + prompt); // the marker is harmless when bound and guards literal text
@@ -223,7 +224,7 @@ function onError(head, frame) {
     failAnswer(head.answer, errorText(frame));
   } else if (head && head.kind === 'bind' && frame.status === 400) {
     // The stored id cannot be used (e.g. it belongs to another personality): start afresh.
-    startConversation(newId());
+    startConversation(newId(), true);
     view.showNotice('The previous conversation could not be continued, so a new one was started.');
     connect();
   } else {
@@ -276,8 +277,10 @@ function hideBanner() { ui.banner.hidden = true; }
 
 /* ---------- personalities and conversations ---------- */
 
-function startConversation(id) {
+/** Show a conversation (a new one has no stored turns to look up, so the page does not ask for them). */
+function startConversation(id, fresh = false) {
   state.conversationId = id;
+  state.fresh = fresh ? id : null;
   state.lastPrompt = null;
   store.set(`conversation.${state.personality.name}`, id);
   history.setCurrent(id);
@@ -289,6 +292,7 @@ function startConversation(id) {
 async function restoreHistory() {
   const serial = state.serial;
   const id = state.conversationId;
+  if (state.fresh === id) return true;
   let data;
   try {
     data = await api.json(`/conversations/${encodeURIComponent(id)}`);
@@ -324,7 +328,8 @@ async function selectPersonality(name, conversationId = null) {
   document.title = `${personality.name} · Chat`;
   view.setLanguage(personality.language);
   describePersonality(personality);
-  startConversation(conversationId || store.get(`conversation.${personality.name}`) || newId());
+  const known = conversationId || store.get(`conversation.${personality.name}`);
+  startConversation(known || newId(), !known);
   if (await restoreHistory()) connect();
 }
 
@@ -346,7 +351,7 @@ function conversationDeleted(id) {
     }
   }
   if (id !== state.conversationId) return;
-  startConversation(newId());
+  startConversation(newId(), true);
   connect(); // a socket stays bound to one conversation
 }
 
@@ -411,7 +416,7 @@ function bindEvents() {
   ui.regenerate.addEventListener('click', () => state.lastPrompt && sendPrompt(state.lastPrompt));
   ui.newConversation.addEventListener('click', () => {
     if (!state.personality) return;
-    startConversation(newId());
+    startConversation(newId(), true);
     connect(); // a socket stays bound to one conversation
     ui.prompt.focus();
     announce('New conversation started.');

@@ -475,3 +475,18 @@ def test_stats_page_with_an_api_key(build_with):
         server.close()
     assert errors == [] and banner_hidden
     assert "API key" in refused
+
+
+def test_a_comment_or_a_change_of_mind_is_not_another_rating(ops_app, ops_client):
+    ops_client.get("/gpt/greedy?prompt=Hello&session=rated")
+    answer = ops_client.get("/conversations/rated").get_json()["turns"][1]["id"]
+    url = f"/conversations/rated/messages/{answer}/feedback"
+
+    def counts():
+        return ops_client.get("/stats.json").get_json()["feedback"]
+
+    ops_client.post(url, json={"rating": "up"})
+    ops_client.post(url, json={"rating": "up", "comment": "clear and short"})  # the page sends the comment so
+    assert [(row["up"], row["down"]) for row in counts()] == [(1, 0)]
+    ops_client.post(url, json={"rating": "down"})
+    assert [(row["up"], row["down"]) for row in counts()] == [(0, 1)]

@@ -103,10 +103,11 @@ def feedback(conversation_id: str, message_id: int):
     conversation = llm.store.get(conversation_id, current_user())
     if message_id >= 2**63:
         raise NotFound(f"Unknown answer {message_id} in conversation '{conversation_id}'.")
+    previous = next((turn.rating for turn in conversation.turns if turn.message_id == message_id), None)
     llm.store.feedback(conversation_id, message_id, current_user(), rating, comment)
     observer = llm.chat.observer
     if observer is not None and hasattr(observer, "feedback"):
-        observer.feedback(conversation.personality, rating > 0)
+        observer.feedback(conversation.personality, rating > 0, previous)
     return jsonify({"message_id": message_id, "rating": "up" if rating > 0 else "down", "comment": comment})
 
 
