@@ -274,13 +274,13 @@ def special_tokens(target: Target) -> Iterator[Row]:
 def keys_out_of_urls(target: Target) -> Iterator[Row]:
     status = target.get("/conversations?api_key=k1").status_code
     yield Row("key in a URL (?api_key=)", "401 (keys only in headers or the cookie)", str(status), status == 401)
-    session = requests.Session()
-    login = session.post(target.url + "/auth/session", json={"api_key": "k1"}, timeout=30)
+    with requests.Session() as session:
+        login = session.post(target.url + "/auth/session", json={"api_key": "k1"}, timeout=30)
+        status = session.get(target.url + "/conversations", timeout=30).status_code
     cookie = login.headers.get("Set-Cookie", "")
     flags = all(flag in cookie for flag in ("HttpOnly", "SameSite=Strict"))
     yield Row("browser login", "HttpOnly SameSite=Strict cookie", cookie.split(";", 1)[-1].strip() or "none",
               login.status_code == 200 and flags)
-    status = session.get(target.url + "/conversations", timeout=30).status_code
     yield Row("cookie authenticates requests", "200", str(status), status == 200)
 
 

@@ -11,7 +11,9 @@ from tests.conftest import LiveServer
 @pytest.fixture
 def claude(make_app):
     server = LiveServer(make_app(LLM_API_KEYS="alice:secret"))
-    yield anthropic.Anthropic(base_url=server.url, api_key="secret", max_retries=0)
+    client = anthropic.Anthropic(base_url=server.url, api_key="secret", max_retries=0)
+    yield client
+    client.close()
     server.close()
 
 
@@ -59,6 +61,6 @@ def test_errors_in_anthropics_shape(claude, make_app):
         claude.messages.create(model="greedy", max_tokens=8, messages=[{"role": "user", "content": "x"}],
                                tools=[{"name": "f", "input_schema": {"type": "object"}}])
     assert caught.value.body["error"]["type"] == "invalid_request_error" and "tools" in caught.value.message
-    stranger = anthropic.Anthropic(base_url=claude.base_url, api_key="wrong", max_retries=0)
-    with pytest.raises(anthropic.AuthenticationError):
+    with anthropic.Anthropic(base_url=claude.base_url, api_key="wrong", max_retries=0) as stranger, \
+            pytest.raises(anthropic.AuthenticationError):
         stranger.messages.create(model="greedy", max_tokens=8, messages=[{"role": "user", "content": "x"}])
