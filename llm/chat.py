@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm.conversations import Conversation, Turn
+from llm.conversations import Conversation, Turn, title_of
 from llm.engine import Engine, GenerationRequest, Handle, JsonConstraint, SamplingParams
 from llm.errors import BadRequest, PayloadTooLarge
 from llm.models import ModelSpec
@@ -27,7 +27,6 @@ from llm.personalities import Personality
 
 MAX_PROMPT_CHARS = 200_000
 ANONYMOUS = "anonymous"
-TITLE_LENGTH = 60
 # The date line in the personality's language. Two languages do not warrant a locale library (and the process's
 # locale must not change per request); a language without an entry gets English.
 DATE_LINES = {
@@ -48,11 +47,6 @@ def date_line(today: datetime.date, language: str) -> str:
     return template.format(weekday=weekdays[today.weekday()], day=today.day, month=months[today.month - 1],
                            year=today.year)
 
-
-def title_of(question: str) -> str:
-    """A conversation's title: the question itself, without context blocks or URLs, on one line."""
-    text = " ".join(question.split())
-    return text[:TITLE_LENGTH] + ("…" if len(text) > TITLE_LENGTH else "")
 SUMMARY_TOKENS = 160
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from llm.errors import BadRequest
 
 MAX_ID_LENGTH = 128
+TITLE_LENGTH = 60
 # Safe in URLs, headers and file names, and wide enough for the reference clients' "urn:uuid:..." keys.
 ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:~-]{{0,{MAX_ID_LENGTH - 1}}}", re.ASCII)
 
@@ -69,3 +70,10 @@ def check_id(conversation_id: Any) -> str:
         raise BadRequest(f"A conversation id must be 1 to {MAX_ID_LENGTH} characters: letters, digits and . _ : ~ - "
                          "(starting with a letter or digit).", param="session")
     return conversation_id.strip()
+
+
+def title_of(question: str) -> str:
+    """A conversation's title: the question on one line, shortened (callers pass it without context blocks or
+    URLs)."""
+    text = " ".join(question.split())
+    return text[:TITLE_LENGTH] + ("…" if len(text) > TITLE_LENGTH else "")

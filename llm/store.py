@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from llm.conversations import Conversation, Turn, check_id
+from llm.conversations import Conversation, Turn, check_id, title_of
 from llm.errors import BadRequest, ConfigError, NotFound, ServiceError
 
 # Each entry migrates the schema from version i to i + 1. Never edit a released entry: append a new one.
@@ -47,7 +47,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-TITLE_LENGTH = 60
 log = logging.getLogger(__name__)
 
 
@@ -238,9 +237,9 @@ class SqlConversationStore:
 
     @staticmethod
     def _title(turns: Sequence[Turn]) -> str:
+        """For turns stored without a title chosen by the chat service: the first question as typed."""
         first = next((turn for turn in turns if turn.role == "user"), None)
-        text = " ".join(((first.display or first.content) if first else "").split())
-        return text[:TITLE_LENGTH] + ("…" if len(text) > TITLE_LENGTH else "")
+        return title_of((first.display or first.content) if first else "")
 
     def list(self, user: str, limit: int = 20, offset: int = 0) -> list[dict[str, Any]]:
         """The user's conversations with at least one message, most recently updated first."""
