@@ -191,10 +191,8 @@ def chat_completions():
 
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if constraint is not None and not data.get("stream"):  # validated, and resampled if the grammar is a superset
-        temperature = sampling.get("temperature")
-        if temperature is None:
-            temperature = services().personalities.get(name).sampling.get("temperature", 0.7)
-        turn, value = structured.answer(start, schema, sampling, services().settings.schema_timeout, temperature)
+        turn, value = structured.answer(start, schema, sampling, services().settings.schema_timeout,
+                                        services().personalities.get(name))
         text = json.dumps(value, ensure_ascii=False)
         return jsonify({"id": ident, "object": "chat.completion", "created": created, "model": name,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},

@@ -16,8 +16,9 @@ from typing import Any
 
 from flask import current_app
 
-from llm.chat import ActiveTurn
+from llm.chat import ActiveTurn, sampling_for
 from llm.errors import BadRequest, GenerationFailed, IncompleteOutput, Unprocessable
+from llm.personalities import Personality
 from llm.schema_support import unchecked_formats, validate_output
 from llm.server import on_disconnect
 
@@ -40,10 +41,10 @@ def client_limits(body: dict, window: int) -> tuple[int | None, float]:
 
 
 def answer(start: Callable[[dict, float], ActiveTurn], schema: Any, sampling: dict, timeout: float,
-           temperature: float) -> tuple[ActiveTurn, Any]:
-    """Run ``start(sampling, seconds_left)`` until an answer validates; returns that turn and its value.
-    ``temperature`` is the one the first attempt uses (the request's, else the personality's)."""
+           personality: Personality) -> tuple[ActiveTurn, Any]:
+    """Run ``start(sampling, seconds_left)`` until an answer validates; returns that turn and its value."""
     attempts = current_app.extensions["llm"].settings.schema_attempts
+    temperature = sampling_for(personality, sampling).temperature  # what the first attempt samples with
     deadline, failure = time.monotonic() + timeout, None
     for attempt in range(attempts):
         left = deadline - time.monotonic()

@@ -64,7 +64,8 @@ def toil(personality: str):
         check_schema(schema)
     llm = current_app.extensions["llm"]
     chosen = llm.personalities.get(personality)  # 404 before any work
-    max_tokens, timeout = structured.client_limits(body, llm.specs(chosen).context_window)
+    window = llm.specs(chosen).context_window
+    max_tokens, timeout = structured.client_limits(body, window)
     prompt = body.get("prompt")
     text = (body.get("text") or "").strip()
     if isinstance(prompt, str) and prompt.strip():
@@ -74,7 +75,6 @@ def toil(personality: str):
         prompt = f"{prompt}\n\n{instruction(schema)}"
     # The room the value needs, estimated from the schema's bounds, up to the context window (the engine also
     # stops at what the prompt leaves of it).
-    window = llm.specs(chosen).context_window
     sampling = {"max_tokens": max_tokens or default_max_tokens(schema, window)}
 
     def start(options: dict, seconds: float):
@@ -83,7 +83,7 @@ def toil(personality: str):
                               extra_context=text, channel="toil", user=current_user(), sampling=options,
                               timeout=seconds)
 
-    turn, value = structured.answer(start, schema, sampling, timeout, chosen.sampling.get("temperature", 0.7))
+    turn, value = structured.answer(start, schema, sampling, timeout, chosen)
     turn.finish()
     return Response(json.dumps(value, ensure_ascii=False), mimetype="application/json",
                     headers={**sources_headers(turn), **structured.headers(schema)})
