@@ -26,11 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flask import Flask, g
-from werkzeug.exceptions import HTTPException
 from werkzeug.test import EnvironBuilder
 
 from llm.errors import BadRequest, NotFound, ServiceError, TooManyRequests
-from llm.limits import HANDSHAKE
+from llm.limits import HANDSHAKE, identity
 
 log = logging.getLogger(__name__)
 END, STOP = "<END>", "|STOP|"
@@ -178,25 +177,26 @@ class SocketRegistry:
 
 def _environ(scope: dict) -> dict:
     """A WSGI environ for the handshake, so Flask's before-request hooks can judge it like any request."""
-    client = scope.get("client") or ("", 0)
     headers = [(key.decode("latin1"), value.decode("latin1")) for key, value in scope.get("headers", [])]
     return EnvironBuilder(path=scope["path"], query_string=scope.get("query_string", b"").decode("latin1"),
-                          headers=headers, environ_base={"REMOTE_ADDR": client[0], HANDSHAKE: True}).get_environ()
+                          headers=headers, environ_base={"REMOTE_ADDR": _address(scope), HANDSHAKE: True}
+                          ).get_environ()
 
 
 def handshake(app: Flask, scope: dict) -> tuple[str, Any]:
     """Run the app's before-request hooks for the upgrade request; the user, and the rate budget to charge."""
     with app.request_context(_environ(scope)):
-        try:
-            response = app.preprocess_request()
-        except HTTPException as exc:  # flask-level refusals (e.g. a limiter) become our error shape
-            raise ServiceError(exc.description or exc.name) from None
-        if response is not None:
-            raise TooManyRequests("Rate limit exceeded; retry in a moment.")
-        user, address = g.user, scope["client"][0] if scope.get("client") else ""
+        response = app.preprocess_request()  # our hooks refuse by raising a ServiceError
+        if response is not None:  # a hook that answers instead: the upgrade is refused with its status
+            raise ServiceError(f"The connection was refused ({response.status}).")
+        user = g.user
     budget = app.extensions.get("llm_budget")
-    charge = (lambda: budget.charge(user, address)) if budget is not None else None
+    charge = (lambda: budget.charge(user, _address(scope))) if budget is not None else None
     return user, charge
+
+
+def _address(scope: dict) -> str:
+    return (scope.get("client") or ("",))[0]
 
 
 async def _deny(scope: dict, send, error: ServiceError) -> None:
@@ -225,7 +225,7 @@ async def serve_websocket(app: Flask, scope: dict, receive, send) -> None:
     except ServiceError as error:
         await _deny(scope, send, error)
         return
-    who = user if user != "anonymous" else f"anonymous@{(scope.get('client') or ('',))[0]}"
+    who = identity(user, _address(scope))  # the user, or the address when anonymous, as for rate budgets
     if not registry.acquire(who):
         await _deny(scope, send, TooManyRequests(
             f"Too many open websockets for this user (LLM_MAX_SOCKETS_PER_USER={registry.cap}); close some first."))
