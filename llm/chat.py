@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm.conversations import Conversation, Turn, title_of
-from llm.engine import Engine, GenerationRequest, Handle, JsonConstraint, SamplingParams
+from llm.engine import Engine, GenerationRequest, GrammarConstraint, Handle, JsonConstraint, SamplingParams
 from llm.errors import BadRequest, PayloadTooLarge
 from llm.models import ModelSpec
 from llm.personalities import Personality
+from llm.tools import ToolUse
 
 MAX_PROMPT_CHARS = 200_000
 ANONYMOUS = "anonymous"
@@ -154,18 +155,27 @@ class ChatService:
 
     def start_messages(self, personality_name: str, messages: Any, *, constraint: JsonConstraint | None = None,
                        sampling: dict[str, Any] | None = None, channel: str = "openai",
-                       user: str | None = None, timeout: float | None = None) -> ActiveTurn:
+                       user: str | None = None, timeout: float | None = None,
+                       tools: ToolUse | None = None) -> ActiveTurn:
         """A turn from client-held history (OpenAI style): the personality's system prompt is prepended unless
-        the client brings its own, and the RAG preprocessor applies to the last user message."""
+        the client brings its own, and the RAG preprocessor applies to the last user message (never to tool
+        results, which arrive as user turns marked ``tool_result``). ``tools``: the system prompt describes them
+        and a grammar makes every call valid."""
         personality = self.personalities.get(personality_name)
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list.", param="messages")
+        asked = [isinstance(m, dict) and m.get("role") == "user" and not m.get("tool_result") for m in messages]
         messages = [message_text(message, index) for index, message in enumerate(messages)]
         spec = self.spec_for(personality)
         params = sampling_for(personality, sampling)
         if not any(message["role"] == "system" for message in messages):
             messages.insert(0, {"role": "system", "content": personality.system_prompt})
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+            asked.insert(0, False)
+        if tools is not None:
+            system = next(m for m in messages if m["role"] == "system")
+            system["content"] = f"{system['content']}\n\n{tools.system_text()}".lstrip()
+            constraint = GrammarConstraint(tools.grammar())
+        last_user = max((i for i, question in enumerate(asked) if question), default=None)
         sources, notices = [], []
         if last_user is not None:
             check_prompt(messages[last_user]["content"])

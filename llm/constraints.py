@@ -172,7 +172,15 @@ class ConstraintCompiler:
         target = _ANY_OBJECT if schema is None else schema
         key = check_limits(target, max_bytes=self.max_schema_bytes, max_depth=self.max_depth)
         key = "null" if schema is None else key
-        future = self._cached_future(key, schema)
+        return self._wait(key, self._cached_future(key, self._compile, schema))
+
+    def compile_lark(self, lark: str) -> Grammar:
+        """A grammar the service wrote (tool calls embed the clients' schemas, already checked by the caller);
+        answers are validated by that caller, so the grammar's schema is None."""
+        key = "lark:" + lark
+        return self._wait(key, self._cached_future(key, self._compile_lark, lark))
+
+    def _wait(self, key: str, future: Future) -> Grammar:
         try:
             return future.result(timeout=self.compile_timeout_s)
         except FutureTimeout:
@@ -192,14 +200,14 @@ class ConstraintCompiler:
         """Stop the compile workers (when the model is unloaded)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _cached_future(self, key: str, schema: dict | bool | None) -> Future:
+    def _cached_future(self, key: str, compile_one, source: Any) -> Future:
         """The cached (possibly still running) compile for this key; concurrent requests share one compile."""
         with self._lock:
             future = self._cache.get(key)
             if future is not None:
                 self._cache.move_to_end(key)
                 return future
-            future = self._pool.submit(self._compile_safely, schema)
+            future = self._pool.submit(self._compile_safely, compile_one, source)
             self._cache[key] = future
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
@@ -213,10 +221,11 @@ class ConstraintCompiler:
             if self._cache.get(key) is future:
                 self._cache[key] = failed
 
-    def _compile_safely(self, schema: dict | bool | None) -> Grammar:
+    @staticmethod
+    def _compile_safely(compile_one, source: Any) -> Grammar:
         """Compile, turning any unexpected failure into a 422 so no schema can cause a 500."""
         try:
-            return self._compile(schema)
+            return compile_one(source)
         except ServiceError:
             raise
         except RecursionError:
@@ -234,6 +243,18 @@ class ConstraintCompiler:
         matcher, loosened = self._build_matcher(target)
         self._probe(matcher)
         return Grammar(schema, matcher, self._vocab_size, loosened)
+
+    def _compile_lark(self, lark: str) -> Grammar:
+        """Compile a service-written Lark grammar; its embedded schemas may still be unenforceable (a 422)."""
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        except ValueError as exc:
+            raise Unprocessable(f"The constraint engine could not read the grammar: {exc}", param="tools") from None
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self._limits)
+        if matcher.is_error():
+            raise classify_error(matcher.get_error().split("failed to compile JSON schema: ")[-1])
+        self._probe(matcher)
+        return Grammar(None, matcher, self._vocab_size)
 
     def _build_matcher(self, schema: dict) -> tuple[llguidance.LLMatcher, tuple[str, ...]]:
         """The exact grammar when llguidance can enforce the whole schema; otherwise a superset (lenient mode;

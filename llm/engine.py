@@ -61,6 +61,14 @@ class JsonConstraint:
     schema: dict | bool | None = None
 
 
+@dataclass(frozen=True)
+class GrammarConstraint:
+    """Ask for output in a Lark grammar (llguidance's dialect, ``%json{...}`` for embedded schemas): the
+    grammar is built by the service (tool calls), never taken from a client."""
+
+    lark: str
+
+
 @dataclass
 class GenerationRequest:
     """Everything the engine needs for one answer."""
@@ -68,7 +76,7 @@ class GenerationRequest:
     model: Any  # llm.models.ModelSpec
     messages: Sequence[Message] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    constraint: JsonConstraint | None = None
+    constraint: JsonConstraint | GrammarConstraint | None = None
     conversation: str | None = None  # cache key: follow-up turns reuse this conversation's cached tokens
     raw_prompt: str | None = None  # plain completion instead of chat messages
     # Whose text this is: cached tokens are shared across owners only up to the rendering of ``public_prefix``

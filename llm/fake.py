@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from llm.engine import GenerationRequest, Handle, Message, Usage
+from llm.engine import GenerationRequest, Handle, JsonConstraint, Message, Usage
 from llm.errors import PayloadTooLarge, ServiceError
 
 
@@ -44,7 +44,7 @@ class FakeEngine:
         if prompt_tokens >= request.model.context_window:
             raise PayloadTooLarge(f"The prompt takes {prompt_tokens} tokens but the context window is "
                                   f"{request.model.context_window} tokens.")
-        if request.constraint is not None and answer == self.default_pieces:
+        if isinstance(request.constraint, JsonConstraint) and answer == self.default_pieces:
             answer = [json.dumps({"answer": "".join(self.default_pieces)})]
         handle = Handle(timeout=request.timeout or 30)
         threading.Thread(target=self._play, args=(handle, answer, request, prompt_tokens), daemon=True).start()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from llm.engine import GenerationRequest, Handle, Message
+from llm.engine import GenerationRequest, GrammarConstraint, Handle, Message
 from llm.errors import Overloaded, PayloadTooLarge
 from llm.model import LlamaLog, LoadedModel
 from llm.models import ModelSpec
@@ -129,7 +129,11 @@ class ModelPool:
             sampling = replace(sampling, max_tokens=window - len(tokens))
         constraint = None
         if request.constraint is not None:
-            constraint = self._compiler(worker).compile_json(request.constraint.schema).new_state()
+            compiler = self._compiler(worker)
+            grammar = (compiler.compile_lark(request.constraint.lark)
+                       if isinstance(request.constraint, GrammarConstraint)
+                       else compiler.compile_json(request.constraint.schema))
+            constraint = grammar.new_state()
         handle = Handle(timeout=min(request.timeout or self.settings.request_timeout, self.settings.request_timeout))
         job = Job(handle=handle, prompt=tokens, sampling=sampling, window=window,
                   conversation=request.conversation, constraint=constraint,

@@ -208,8 +208,8 @@ def test_llama_server_parameters_are_honoured(oai, fake_engine):
     assert sampling.logit_bias == ((42, -100.0),)
 
 
-@pytest.mark.parametrize("extra", [{"logprobs": True}, {"top_logprobs": 2}, {"tools": [{"type": "function",
-                                   "function": {"name": "f", "parameters": {"type": "object"}}}]}])
+@pytest.mark.parametrize("extra", [{"logprobs": True}, {"top_logprobs": 2},
+                                   {"functions": [{"name": "f", "parameters": {"type": "object"}}]}])
 def test_parameters_not_supported_yet_are_refused_by_name(oai, extra):
     name = next(iter(extra))
     with pytest.raises(openai.BadRequestError) as caught:
@@ -220,4 +220,4 @@ def test_parameters_not_supported_yet_are_refused_by_name(oai, extra):
 def test_models_say_their_context_length_and_capabilities(oai):
     card = oai.models.retrieve("greedy").model_dump()
     assert card["context_length"] > 0 and card["capabilities"]["json_schema"] is True
-    assert card["capabilities"]["tools"] is False
+    assert card["capabilities"]["tools"] is True

@@ -17,11 +17,12 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from llm.api import structured
 from llm.auth import current_user
-from llm.chat import ActiveTurn
+from llm.chat import ActiveTurn, message_text
 from llm.engine import JsonConstraint
 from llm.errors import BadRequest, IncompleteOutput, PayloadTooLarge, ServiceError
 from llm.schema_support import check_schema, validate_output
 from llm.server import on_disconnect
+from llm.tools import CallReader, ToolUse, assistant_text, check_tool, results_text
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -49,8 +50,8 @@ def _number(data: dict, name: str, low: float, high: float, integer: bool = Fals
 
 
 # OpenAI parameters this API does not honour yet: a 400 naming them, never a silent answer without them.
-NOT_YET = ("logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
-           "audio", "modalities", "prediction", "web_search_options", "suffix", "echo", "best_of")
+NOT_YET = ("logprobs", "top_logprobs", "functions", "function_call", "audio", "modalities", "prediction",
+           "web_search_options", "suffix", "echo", "best_of")
 MAX_CHOICES = 8
 
 
@@ -126,6 +127,70 @@ def response_constraint(data: dict) -> tuple[JsonConstraint | None, Any]:
     return JsonConstraint(spec["schema"]), spec["schema"]
 
 
+def tool_use(data: dict) -> ToolUse | None:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls``; None when the model is not to call anything."""
+    tools, choice = data.get("tools"), data.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none", "auto"):
+            raise BadRequest("'tool_choice' needs 'tools'.", param="tool_choice")
+        return None
+    if not isinstance(tools, list) or not tools:
+        raise BadRequest("'tools' must be a non-empty list.", param="tools")
+    offered = []
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict):
+            raise BadRequest(f"tools[{index}] must be {{\"type\": \"function\", \"function\": {{...}}}}.",
+                             param=f"tools[{index}]")
+        offered.append(check_tool(function.get("name"), function.get("description"), function.get("parameters"),
+                                  f"tools[{index}]"))
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        choice = choice["function"].get("name")
+    if choice is None:
+        choice = "auto"
+    if not isinstance(choice, str):
+        raise BadRequest("'tool_choice' must be none, auto, required or {\"type\": \"function\", ...}.",
+                         param="tool_choice")
+    if choice == "none":
+        return None
+    if data.get("response_format") is not None:
+        raise BadRequest("Use either tools or response_format, not both.", param="response_format")
+    return ToolUse(tuple(offered), choice, _flag(data, "parallel_tool_calls") is not False)
+
+
+def plain_history(messages: Any) -> Any:
+    """OpenAI's tool history in the model's format: an assistant turn with ``tool_calls`` becomes the calls as
+    the model writes them; consecutive ``tool`` messages become one user turn of results."""
+    if not isinstance(messages, list):
+        return messages
+    converted: list[dict] = []
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "assistant" and message.get("tool_calls"):
+            calls = message["tool_calls"]
+            if not isinstance(calls, list) or not all(
+                    isinstance(call, dict) and isinstance(call.get("function"), dict)
+                    and isinstance(call["function"].get("name"), str)
+                    and isinstance(call["function"].get("arguments"), str) for call in calls):
+                raise BadRequest(f"messages[{index}].tool_calls must be a list of function calls with name and "
+                                 "arguments.", param=f"messages[{index}].tool_calls")
+            content = message_text({"role": "assistant", "content": message.get("content") or ""}, index)["content"]
+            converted.append({"role": "assistant", "content": assistant_text(
+                content, [(call["function"]["name"], call["function"]["arguments"]) for call in calls])})
+        elif role == "tool":
+            result = message_text({"role": "user", "content": message.get("content")}, index)["content"]
+            if converted and converted[-1].get("tool_result"):
+                converted[-1]["results"].append(result)
+            else:
+                converted.append({"role": "user", "tool_result": True, "results": [result]})
+        else:
+            converted.append(message)
+    for message in converted:
+        if message.get("tool_result"):
+            message["content"] = results_text(message.pop("results"))
+    return converted
+
+
 def context_errors(error: PayloadTooLarge) -> BadRequest:
     """OpenAI reports an over-long prompt as a 400 with code context_length_exceeded."""
     converted = BadRequest(error.message, param="messages")
@@ -148,7 +213,7 @@ def finish_reason(turn: ActiveTurn) -> str:
 
 # What /v1 does with a personality today, so clients can tell before they try.
 CAPABILITIES = {"chat": True, "completions": True, "streaming": True, "json_schema": True, "n": True,
-                "tools": False, "logprobs": False, "embeddings": False}
+                "tools": True, "logprobs": False, "embeddings": False}
 
 
 def model_card(personality) -> dict:
@@ -180,12 +245,14 @@ def chat_completions():
     data = body()
     name = _model_name(data)
     constraint, schema = response_constraint(data)
+    tools = tool_use(data)
     sampling = sampling_options(data)
+    messages = plain_history(data.get("messages"))
 
     def start(options: dict, seconds: float | None = None) -> ActiveTurn:
         try:
-            return services().chat.start_messages(name, data.get("messages"), constraint=constraint,
-                                                  sampling=options, user=current_user(), timeout=seconds)
+            return services().chat.start_messages(name, messages, constraint=constraint, sampling=options,
+                                                  user=current_user(), timeout=seconds, tools=tools)
         except PayloadTooLarge as error:
             raise context_errors(error) from None
 
@@ -203,13 +270,24 @@ def chat_completions():
         turn = start(sampling)
         on_disconnect(turn.cancel)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        return sse(chat_chunks(turn, ident, created, name, include_usage, constraint, schema))
+        return sse(chat_chunks(turn, ident, created, name, include_usage, constraint, schema, tools))
     turns, texts = run_choices(start, sampling, count)
-    choices = [{"index": index, "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason(turn), "logprobs": None}
+    choices = [{"index": index, **answer(turn, text, tools), "logprobs": None}
                for index, (turn, text) in enumerate(zip(turns, texts, strict=True))]
     return jsonify({"id": ident, "object": "chat.completion", "created": created, "model": name,
                     "choices": choices, "usage": usage_of(*turns)})
+
+
+def answer(turn: ActiveTurn, text: str, tools: ToolUse | None) -> dict:
+    """One choice's message and finish reason: text, or the calls the model made."""
+    if tools is None:
+        return {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(turn)}
+    content, calls = tools.parse(text, turn.handle.finish_reason)
+    if not calls:
+        return {"message": {"role": "assistant", "content": content}, "finish_reason": finish_reason(turn)}
+    return {"message": {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        for call in calls]}, "finish_reason": "tool_calls"}
 
 
 def run_choices(start, sampling: dict, count: int) -> tuple[list[ActiveTurn], list[str]]:
@@ -227,25 +305,50 @@ def run_choices(start, sampling: dict, count: int) -> tuple[list[ActiveTurn], li
 
 
 def chat_chunks(turn: ActiveTurn, ident: str, created: int, name: str, include_usage: bool,
-                constraint, schema) -> Iterator[dict]:
+                constraint, schema, tools: ToolUse | None = None) -> Iterator[dict]:
     def chunk(delta: dict, reason: str | None = None) -> dict:
         return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
 
-    yield chunk({"role": "assistant", "content": ""})
+    reader = CallReader() if tools is not None else None
+    announced = reader is None  # with tools, the role rides on the first delta, once text or call is known
+
+    def deltas(events: Iterator[tuple]) -> Iterator[dict]:
+        nonlocal announced
+        for delta in map(tool_delta, events):
+            yield chunk(delta if announced else {"role": "assistant", "content": None, **delta})
+            announced = True
+
+    if reader is None:
+        yield chunk({"role": "assistant", "content": ""})
     try:
         for piece in turn.pieces():
-            yield chunk({"content": piece})
+            yield from deltas(reader.feed(piece)) if reader is not None else (chunk({"content": piece}),)
     finally:
         turn.cancel()
+    reason = finish_reason(turn)
+    if reader is not None:
+        yield from deltas(reader.close())
+        if reader.finish(tools, turn.handle.finish_reason)[1]:  # validates every call
+            reason = "tool_calls"
     if constraint is not None:
         if turn.handle.finish_reason == "length":
             raise IncompleteOutput("The JSON value was not complete within max_tokens; raise max_tokens.")
         validate_output(schema, turn.text)
-    yield chunk({}, finish_reason(turn))
+    yield chunk({}, reason)
     if include_usage:
         yield {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [],
                "usage": usage_of(turn)}
+
+
+def tool_delta(event: tuple) -> dict:
+    """A reader event as OpenAI streams it: a call opens with its id and name, then its arguments stream."""
+    if event[0] == "text":
+        return {"content": event[1]}
+    if event[0] == "call":
+        return {"tool_calls": [{"index": event[1], "id": event[2], "type": "function",
+                                "function": {"name": event[3], "arguments": ""}}]}
+    return {"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}
 
 
 def sse_lines(events: Iterator[dict], named: bool = False) -> Iterator[str]:

@@ -1,0 +1,249 @@
+"""Tool calling: the format, the grammar, the streaming reader (alone), and /v1 with the openai SDK on the fake."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from llm.errors import BadRequest, GenerationFailed, IncompleteOutput
+from llm.tools import CallReader, Tool, ToolUse, assistant_text, call_text, check_tool, results_text
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
+           "required": ["city"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city.",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+USE = ToolUse((Tool("get_weather", "Weather.", WEATHER), Tool("get_time")))
+
+
+def call(name: str, arguments: dict) -> str:
+    return call_text(name, json.dumps(arguments))
+
+
+def read(pieces: list[str]) -> tuple[list[tuple], CallReader]:
+    reader = CallReader()
+    events = [event for piece in pieces for event in reader.feed(piece)]
+    return events + list(reader.close()), reader
+
+
+def test_a_call_is_written_in_the_documented_format():
+    assert call("get_weather", {"city": "Paris"}) == (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city":"Paris"}}\n</tool_call>')
+    assert assistant_text("Let me look.", [("get_time", "{}")]).startswith("Let me look.\n<tool_call>\n")
+    assert results_text(["12", "sunny"]) == "<tool_response>\n12\n</tool_response>\n<tool_response>\nsunny\n" \
+                                            "</tool_response>"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+def test_the_reader_streams_calls_whatever_the_piece_sizes(size):
+    text = call("get_weather", {"city": "Paris", "days": 2}) + "\n" + call("get_time", {})
+    events, reader = read([text[i:i + size] for i in range(0, len(text), size)])
+    assert [event[:2] for event in events if event[0] == "call"] == [("call", 0), ("call", 1)]
+    arguments = {}
+    for event in events:
+        if event[0] == "arguments":
+            arguments[event[1]] = arguments.get(event[1], "") + event[2]
+    assert arguments == {0: '{"city":"Paris","days":2}', 1: "{}"}
+    content, calls = reader.finish(USE, "stop")
+    assert content is None and [c.name for c in calls] == ["get_weather", "get_time"]
+    assert calls[0].id.startswith("call_") and calls[0].id != calls[1].id
+
+
+@pytest.mark.parametrize("text", ["Hello", "<", "<tool", "<b>bold</b>", "I will not use <tool_call> here"])
+def test_text_that_is_not_a_call_streams_as_text(text):
+    events, reader = read(list(text))
+    assert "".join(event[1] for event in events) == text and {e[0] for e in events} == {"text"}
+    assert reader.finish(USE, "stop") == (text, [])
+
+
+def test_a_call_cut_off_or_invalid_is_an_error_never_a_half_call():
+    with pytest.raises(IncompleteOutput):
+        read([call("get_weather", {"city": "Paris"})[:-5]])[1].finish(USE, "length")
+    with pytest.raises(GenerationFailed, match="get_weather"):
+        read([call("get_weather", {"city": "Paris", "days": 0})])[1].finish(USE, "stop")
+
+
+def test_the_grammar_names_only_the_offered_tools_and_text_only_with_auto():
+    assert "start: TEXT | calls" in USE.grammar() and '"get_time' in USE.grammar()
+    forced = ToolUse(USE.tools, "get_time", parallel=False).grammar()
+    assert "start: calls" in forced and "calls: call\n" in forced and "get_weather" not in forced
+    assert "You must call the function get_time." in ToolUse(USE.tools, "get_time").system_text()
+
+
+@pytest.mark.parametrize(("name", "parameters", "message"), [
+    ("bad name", None, "name"), ("f", [], "JSON Schema"), ("f", {"type": "nonsense"}, "schema")])
+def test_bad_tools_are_400s(name, parameters, message):
+    with pytest.raises(BadRequest, match=message):
+        check_tool(name, None, parameters, "tools[0]")
+
+
+def test_duplicate_names_and_unknown_choices_are_400s():
+    with pytest.raises(BadRequest, match="unique"):
+        ToolUse((Tool("f"), Tool("f")))
+    with pytest.raises(BadRequest, match="not among"):
+        ToolUse((Tool("f"),), "g")
+
+
+# ----- /v1 with the openai SDK, on the fake engine ---------------------------------------------------------------
+
+@pytest.fixture
+def oai(live_fake):
+    client = openai.OpenAI(base_url=f"{live_fake.url}/v1", api_key="none", max_retries=0, timeout=60)
+    yield client
+    client.close()
+
+
+def ask(oai, **extra):
+    return oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                       tools=TOOLS, **extra)
+
+
+def test_a_call_comes_back_as_tool_calls(oai, fake_engine):
+    fake_engine.script([call("get_weather", {"city": "Paris"})])
+    reply = ask(oai, tool_choice="required")
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    request = fake_engine.requests[-1]
+    assert "<tools>" in request.messages[0]["content"] and "get_weather" in request.messages[0]["content"]
+    assert "start: calls" in request.constraint.lark
+
+
+def test_text_with_tools_offered_is_a_plain_answer(oai, fake_engine):
+    reply = ask(oai)
+    assert reply.choices[0].message.content == "Hello from the fake engine."
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason == "stop"
+    assert "start: TEXT | calls" in fake_engine.requests[-1].constraint.lark
+
+
+def test_tool_choice_none_offers_nothing(oai, fake_engine):
+    ask(oai, tool_choice="none")
+    assert fake_engine.requests[-1].constraint is None and "<tools>" not in fake_engine.requests[-1].messages[0][
+        "content"]
+
+
+def test_named_choice_and_no_parallel_calls_shape_the_grammar(oai, fake_engine):
+    fake_engine.script([call("get_time", {})])
+    reply = ask(oai, tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=False)
+    assert reply.choices[0].message.tool_calls[0].function.name == "get_time"
+    lark = fake_engine.requests[-1].constraint.lark
+    assert "get_weather" not in lark and "calls: call\n" in lark
+
+
+def test_streamed_calls_arrive_as_openai_deltas(oai, fake_engine):
+    text = call("get_weather", {"city": "Paris"}) + "\n" + call("get_time", {})
+    fake_engine.script([text[i:i + 4] for i in range(0, len(text), 4)])
+    chunks = list(ask(oai, stream=True))
+    first = chunks[0].choices[0].delta
+    assert first.role == "assistant" and first.content is None and first.tool_calls[0].function.name == "get_weather"
+    assert first.tool_calls[0].id.startswith("call_")
+    arguments: dict[int, str] = {}
+    for chunk in chunks:
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            arguments[delta.index] = arguments.get(delta.index, "") + (delta.function.arguments or "")
+    assert arguments == {0: '{"city":"Paris"}', 1: "{}"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_the_sdk_stream_helper_assembles_the_calls(oai, fake_engine):
+    fake_engine.script(list(call("get_weather", {"city": "Oslo"})))
+    with oai.chat.completions.stream(model="greedy", messages=[{"role": "user", "content": "x"}],
+                                     tools=TOOLS) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.tool_calls[0].function.arguments == '{"city":"Oslo"}'
+
+
+def test_tool_history_is_rendered_for_the_model(oai, fake_engine):
+    oai.chat.completions.create(model="greedy", tools=TOOLS, messages=[
+        {"role": "user", "content": "Weather in Paris and the time?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "14:05"}])
+    messages = fake_engine.requests[-1].messages
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[2]["content"] == call("get_weather", {"city": "Paris"}) + "\n" + call("get_time", {})
+    assert messages[3]["content"] == results_text(["sunny, 21 C", "14:05"])
+    assert messages[1]["content"].endswith("Weather in Paris and the time?")  # the question, not the results
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0]"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format")])
+def test_bad_tool_requests_are_400s_naming_the_parameter(oai, extra, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}], **extra)
+    assert caught.value.body["param"] == param
+
+
+def test_a_malformed_tool_call_in_history_is_a_400(oai):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model="greedy", messages=[
+            {"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {"name": 3}}]}])
+    assert caught.value.body["param"] == "messages[1].tool_calls"
+
+
+# ----- the real model: grammar-constrained calls, and a LangChain agent ----------------------------------------
+
+@pytest.fixture
+def real_oai(live_real):
+    client = openai.OpenAI(base_url=f"{live_real.url}/v1", api_key="none", max_retries=0, timeout=300)
+    yield client
+    client.close()
+
+
+def test_real_model_calls_are_always_valid(real_oai):
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = real_oai.chat.completions.create(
+            model="greedy", messages=[{"role": "user", "content": "Weather in Paris for 3 days?"}], tools=TOOLS,
+            tool_choice=choice, parallel_tool_calls=False, max_tokens=80)
+        calls = reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+        tool = next(t["function"] for t in TOOLS if t["function"]["name"] == calls[0].function.name)
+        jsonschema.validate(json.loads(calls[0].function.arguments), tool["parameters"])
+
+
+def test_real_model_with_auto_answers_text_or_valid_calls_and_streams_them(real_oai):
+    chunks = list(real_oai.chat.completions.create(
+        model="greedy", messages=[{"role": "user", "content": "What time is it?"}], tools=TOOLS, max_tokens=120,
+        stream=True))
+    reason = chunks[-1].choices[0].finish_reason
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    calls = [delta for chunk in chunks for delta in chunk.choices[0].delta.tool_calls or []]
+    assert (reason == "tool_calls" and calls and not text) or (reason in ("stop", "length") and text and not calls)
+
+
+def test_langchain_agent_calls_a_tool_and_answers_with_its_result(live_real):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+
+    asked = []
+
+    @tool
+    def word_of_the_day(language: str) -> str:
+        """Today's word of the day in a language."""
+        asked.append(language)
+        return "The word of the day is zebra."
+
+    llm = langchain_openai.ChatOpenAI(model="greedy", base_url=f"{live_real.url}/v1", api_key="none",
+                                      temperature=0, max_tokens=64, max_retries=0, timeout=300)
+    messages = [HumanMessage("What is the word of the day in English?")]
+    first = llm.bind_tools([word_of_the_day], tool_choice="required", parallel_tool_calls=False).invoke(messages)
+    assert [call["name"] for call in first.tool_calls] == ["word_of_the_day"] and not first.invalid_tool_calls
+    messages += [first, *(word_of_the_day.invoke(call) for call in first.tool_calls)]
+    assert len(asked) == 1 and isinstance(asked[0], str)
+    answering = llm.bind_tools([word_of_the_day], tool_choice="none")
+    final = answering.invoke(messages)
+    assert final.content and not final.tool_calls
+    # The model read the call and its result: the prompt is longer than the question alone by more than the call.
+    alone = answering.invoke(messages[:1]).usage_metadata["input_tokens"]
+    assert final.usage_metadata["input_tokens"] - alone > first.usage_metadata["output_tokens"] + 5
