@@ -59,8 +59,60 @@ def test_errors_in_anthropics_shape(claude, make_app):
         claude.messages.create(model="nobody", max_tokens=8, messages=[{"role": "user", "content": "x"}])
     with pytest.raises(anthropic.BadRequestError) as caught:
         claude.messages.create(model="greedy", max_tokens=8, messages=[{"role": "user", "content": "x"}],
-                               tools=[{"name": "f", "input_schema": {"type": "object"}}])
-    assert caught.value.body["error"]["type"] == "invalid_request_error" and "tools" in caught.value.message
+                               tools=[{"name": "a b", "input_schema": {"type": "object"}}])
+    assert caught.value.body["error"]["type"] == "invalid_request_error" and "tools[0]" in caught.value.message
     with anthropic.Anthropic(base_url=claude.base_url, api_key="wrong", max_retries=0) as stranger, \
             pytest.raises(anthropic.AuthenticationError):
         stranger.messages.create(model="greedy", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+
+
+WEATHER = {"name": "get_weather", "description": "Weather for a city.", "input_schema": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city":"Paris"}}\n</tool_call>'
+
+
+def test_tool_use_comes_back_as_a_tool_use_block(claude, fake_engine):
+    fake_engine.script([CALL])
+    reply = claude.messages.create(model="greedy", max_tokens=64, tools=[WEATHER], tool_choice={"type": "any"},
+                                   messages=[{"role": "user", "content": "Weather in Paris?"}])
+    assert reply.stop_reason == "tool_use" and reply.content[0].type == "tool_use"
+    assert reply.content[0].name == "get_weather" and reply.content[0].input == {"city": "Paris"}
+    assert reply.content[0].id.startswith("toolu_")
+    request = fake_engine.requests[-1]
+    assert "start: calls" in request.constraint.lark and "<tools>" in request.messages[0]["content"]
+
+
+def test_tool_use_streams_as_input_json_deltas(claude, fake_engine):
+    fake_engine.script(list(CALL))
+    with claude.messages.stream(model="greedy", max_tokens=200, tools=[WEATHER],
+                                messages=[{"role": "user", "content": "Weather in Paris?"}]) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert any(event.type == "input_json" for event in events)
+    assert final.stop_reason == "tool_use" and final.content[0].input == {"city": "Paris"}
+    assert [block.type for block in final.content] == ["tool_use"]
+
+
+def test_tool_results_in_the_history_reach_the_model(claude, fake_engine):
+    claude.messages.create(model="greedy", max_tokens=64, tools=[WEATHER], tool_choice={"type": "none"}, messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Checking."}, {
+            "type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}])
+    messages = fake_engine.requests[-1].messages
+    assert messages[2]["content"] == "Checking.\n" + CALL
+    assert messages[3]["content"] == "<tool_response>\nsunny\n</tool_response>"
+    assert fake_engine.requests[-1].constraint is None  # tool_choice none: text only
+    counted = claude.messages.count_tokens(model="greedy", tools=[WEATHER],
+                                           messages=[{"role": "user", "content": "Weather in Paris?"}])
+    plain = claude.messages.count_tokens(model="greedy", messages=[{"role": "user", "content": "Weather in Paris?"}])
+    assert counted.input_tokens > plain.input_tokens
+
+
+def test_real_model_tool_use_is_valid(live_real):
+    with anthropic.Anthropic(base_url=live_real.url, api_key="none", max_retries=0, timeout=300) as client:
+        reply = client.messages.create(
+            model="greedy", max_tokens=80, tools=[WEATHER], messages=[{"role": "user", "content": "Paris weather?"}],
+            tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True})
+    assert reply.stop_reason == "tool_use" and [block.type for block in reply.content] == ["tool_use"]
+    assert isinstance(reply.content[0].input["city"], str)

@@ -3,12 +3,15 @@
 Clients built on the official ``anthropic`` SDK work unchanged: the same keys (the SDK sends ``x-api-key``), a
 system prompt (string or text blocks), multi-turn messages with text content blocks, ``stop_sequences``,
 ``temperature``/``top_p``/``top_k``, ``max_tokens`` (required, as in Anthropic's API) and streaming as Anthropic's
-server-sent events (``message_start``, ``content_block_delta``, ``message_delta``, ``message_stop``). Errors come in
-Anthropic's shape (``llm.api.errors``). Tool use is not supported yet: a 400 naming ``tools``.
+server-sent events (``message_start``, ``content_block_delta``, ``message_delta``, ``message_stop``) and tool use
+(``tools``, ``tool_choice``, ``tool_use``/``tool_result`` blocks in the history, ``input_json_delta`` events), with
+calls constrained like ``/v1/chat/completions``'s (``llm.tools``). Errors come in Anthropic's shape
+(``llm.api.errors``).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,35 +23,86 @@ from llm.auth import current_user
 from llm.chat import ActiveTurn
 from llm.errors import BadRequest, PayloadTooLarge
 from llm.server import on_disconnect
+from llm.tools import CallReader, ToolUse, assistant_text, check_tool, results_text
 
 blueprint = Blueprint("anthropic", __name__, url_prefix="/v1/messages")
-NOT_YET = ("tools", "tool_choice", "thinking", "mcp_servers", "container")
+NOT_YET = ("thinking", "mcp_servers", "container")
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn"}
+CHOICES = {"auto": "auto", "any": "required"}
 
 
 def _text(content: Any, where: str) -> str:
-    """A message's or the system prompt's text: a string, or a list of text blocks."""
+    """The system prompt's text: a string, or a list of text blocks."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(block, dict) and block.get("type") == "text"
-                                         and isinstance(block.get("text"), str) for block in content):
+    if isinstance(content, list) and all(_is_text(block) for block in content):
         return "".join(block["text"] for block in content)
     raise BadRequest(f"{where}: only text content (a string or text blocks) is supported.", param=where)
 
 
-def _messages(data: dict) -> list[dict[str, str]]:
+def _is_text(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str)
+
+
+def _message(message: Any, where: str) -> dict[str, Any]:
+    """One message in the model's format: text blocks, an assistant's ``tool_use`` blocks as calls, a user's
+    ``tool_result`` blocks as results (marked, so the RAG preprocessor leaves them alone)."""
+    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+        raise BadRequest(f"{where}.role must be user or assistant.", param=where)
+    content = message.get("content")
+    if isinstance(content, str):
+        return {"role": message["role"], "content": content}
+    if not isinstance(content, list):
+        raise BadRequest(f"{where}.content must be a string or a list of blocks.", param=f"{where}.content")
+    text, calls, results = "", [], []
+    for block in content:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if _is_text(block):
+            text += block["text"]
+        elif kind == "tool_use" and message["role"] == "assistant" and isinstance(block.get("name"), str):
+            calls.append((block["name"], json.dumps(block.get("input") or {}, ensure_ascii=False)))
+        elif kind == "tool_result" and message["role"] == "user":
+            result = block.get("content") or ""
+            result = result if isinstance(result, str) else _text(result, f"{where}.content")
+            results.append(f"Error: {result}" if block.get("is_error") else result)
+        else:
+            raise BadRequest(f"{where}.content: only text, tool_use (assistant) and tool_result (user) blocks are "
+                             "supported.", param=f"{where}.content")
+    if calls:
+        return {"role": "assistant", "content": assistant_text(text, calls)}
+    if results:
+        return {"role": "user", "content": "\n".join(filter(None, [results_text(results), text])),
+                "tool_result": not text}
+    return {"role": message["role"], "content": text}
+
+
+def _messages(data: dict) -> list[dict[str, Any]]:
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list.", param="messages")
     converted = []
     if data.get("system") is not None:
         converted.append({"role": "system", "content": _text(data["system"], "system")})
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-            raise BadRequest(f"messages[{index}].role must be user or assistant.", param=f"messages[{index}]")
-        converted.append({"role": message["role"], "content": _text(message.get("content"),
-                                                                     f"messages[{index}].content")})
-    return converted
+    return converted + [_message(message, f"messages[{index}]") for index, message in enumerate(messages)]
+
+
+def _tools(data: dict) -> ToolUse | None:
+    """Anthropic's ``tools`` and ``tool_choice`` (auto, any, tool, none; ``disable_parallel_tool_use``)."""
+    tools, choice = data.get("tools"), data.get("tool_choice") or {"type": "auto"}
+    if not tools:
+        return None
+    if not isinstance(tools, list):
+        raise BadRequest("'tools' must be a list.", param="tools")
+    offered = [check_tool(tool.get("name"), tool.get("description"), tool.get("input_schema"), f"tools[{index}]")
+               if isinstance(tool, dict) else check_tool(None, None, None, f"tools[{index}]")
+               for index, tool in enumerate(tools)]
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "none":
+        return None
+    if kind not in ("auto", "any", "tool"):
+        raise BadRequest("tool_choice.type must be auto, any, tool or none.", param="tool_choice")
+    return ToolUse(tuple(offered), choice.get("name") if kind == "tool" else CHOICES[kind],
+                   not choice.get("disable_parallel_tool_use"))
 
 
 def _sampling(data: dict) -> dict[str, Any]:
@@ -65,14 +119,15 @@ def _sampling(data: dict) -> dict[str, Any]:
             "top_p": _number(data, "top_p", 0.0001, 1), "top_k": _number(data, "top_k", 0, 1 << 20, True)}
 
 
-def _start(data: dict) -> ActiveTurn:
+def _start(data: dict) -> tuple[ActiveTurn, ToolUse | None]:
     name = data.get("model")
     if not isinstance(name, str) or not name:
         raise BadRequest("'model' (a personality name) is required.", param="model")
-    sampling, messages = _sampling(data), _messages(data)
+    sampling, messages, tools = _sampling(data), _messages(data), _tools(data)
     try:
         return current_app.extensions["llm"].chat.start_messages(name, messages, sampling=sampling,
-                                                                 channel="anthropic", user=current_user())
+                                                                 channel="anthropic", user=current_user(),
+                                                                 tools=tools), tools
     except PayloadTooLarge as error:
         raise BadRequest(error.message, param="messages") from None
 
@@ -91,40 +146,90 @@ def _usage(turn: ActiveTurn) -> dict[str, int]:
             "cache_read_input_tokens": usage.cached_tokens}
 
 
+def _tool_use(ident: str, name: str, arguments: str | None = None) -> dict:
+    """A tool_use block (the call id in Anthropic's spelling; ``input`` empty while it streams)."""
+    return {"type": "tool_use", "id": "toolu_" + ident.removeprefix("call_"), "name": name,
+            "input": json.loads(arguments) if arguments is not None else {}}
+
+
 @blueprint.post("")
 def messages():
     data = body()
-    turn = _start(data)
+    turn, tools = _start(data)
     on_disconnect(turn.cancel)
     ident = f"msg_{uuid.uuid4().hex}"
     if data.get("stream"):
-        return Response(sse_lines(_events(turn, ident, data), named=True), mimetype="text/event-stream",
+        return Response(sse_lines(_events(turn, ident, data, tools), named=True), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         text = "".join(turn.pieces())
     finally:
         turn.cancel()
     reason, sequence = _stop(turn, data.get("stop_sequences"))
-    return jsonify({"id": ident, "type": "message", "role": "assistant", "model": data["model"],
-                    "content": [{"type": "text", "text": text}], "stop_reason": reason, "stop_sequence": sequence,
+    text, calls = tools.parse(text, turn.handle.finish_reason) if tools is not None else (text, [])
+    content = [{"type": "text", "text": text}] if not calls else []
+    content += [_tool_use(call.id, call.name, call.arguments) for call in calls]
+    return jsonify({"id": ident, "type": "message", "role": "assistant", "model": data["model"], "content": content,
+                    "stop_reason": "tool_use" if calls else reason, "stop_sequence": sequence,
                     "usage": _usage(turn)})
 
 
-def _events(turn: ActiveTurn, ident: str, data: dict) -> Iterator[dict]:
+def _events(turn: ActiveTurn, ident: str, data: dict, tools: ToolUse | None) -> Iterator[dict]:
     message = {"id": ident, "type": "message", "role": "assistant", "model": data["model"], "content": [],
                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
     yield {"type": "message_start", "message": message}
-    yield {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    reader = CallReader() if tools is not None else None
+    blocks = _Blocks()
     try:
         for piece in turn.pieces():
-            yield {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
+            yield from blocks.events(reader.feed(piece) if reader is not None else [("text", piece)])
     finally:
         turn.cancel()
-    yield {"type": "content_block_stop", "index": 0}
     reason, sequence = _stop(turn, data.get("stop_sequences"))
+    if reader is not None:
+        yield from blocks.events(reader.close())
+        if reader.finish(tools, turn.handle.finish_reason)[1]:  # validates every call
+            reason = "tool_use"
+    yield from blocks.finish()
     yield {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
            "usage": {"output_tokens": turn.handle.usage.completion_tokens}}
     yield {"type": "message_stop"}
+
+
+class _Blocks:
+    """Turns text and call events into Anthropic's numbered content blocks (start, deltas, stop)."""
+
+    def __init__(self):
+        self.index, self.kind = -1, None
+
+    def events(self, events) -> Iterator[dict]:
+        for event in events:
+            if event[0] == "text":
+                if self.kind != "text":
+                    yield from self._open({"type": "text", "text": ""}, "text")
+                yield {"type": "content_block_delta", "index": self.index,
+                       "delta": {"type": "text_delta", "text": event[1]}}
+            elif event[0] == "call":
+                yield from self._open(_tool_use(event[2], event[3]), "tool_use")
+            else:
+                yield {"type": "content_block_delta", "index": self.index,
+                       "delta": {"type": "input_json_delta", "partial_json": event[2]}}
+
+    def _open(self, block: dict, kind: str) -> Iterator[dict]:
+        yield from self.close()
+        self.index, self.kind = self.index + 1, kind
+        yield {"type": "content_block_start", "index": self.index, "content_block": block}
+
+    def close(self) -> Iterator[dict]:
+        if self.kind is not None:
+            yield {"type": "content_block_stop", "index": self.index}
+            self.kind = None
+
+    def finish(self) -> Iterator[dict]:
+        """Close the last block (an answer with no text at all still gets its one empty text block)."""
+        if self.index < 0:
+            yield from self._open({"type": "text", "text": ""}, "text")
+        yield from self.close()
 
 
 @blueprint.post("/count_tokens")
@@ -133,15 +238,18 @@ def count_tokens():
     data = body()
     llm = current_app.extensions["llm"]
     personality = llm.personalities.get(data.get("model") if isinstance(data.get("model"), str) else "")
-    messages = _messages(data)
+    messages, tools = _messages(data), _tools(data)
     if not any(message["role"] == "system" for message in messages):
         messages.insert(0, {"role": "system", "content": personality.system_prompt})
+    if tools is not None:
+        messages[0]["content"] = f"{messages[0]['content']}\n\n{tools.system_text()}"
     return jsonify({"input_tokens": llm.engine.count_tokens(llm.specs(personality), messages)})
 
 
 def error_body(message: str, status: int) -> dict:
     """Anthropic's error shape."""
     kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+             404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
+             429: "rate_limit_error", 503: "overloaded_error"}
     return {"type": "error", "error": {"type": kinds.get(status, "api_error"), "message": message}}
 
