@@ -102,6 +102,33 @@ def ask_peer(base: str, prompt: str, max_tokens: int) -> Stream:
     return Stream(start, first or end, end, tokens, reason)
 
 
+def ask_chat(base: str, prompt: str, max_tokens: int, system: str | None = None, **extra) -> Stream:
+    """Our streaming ``/v1/chat/completions`` (``extra``: tools, tool_choice, ignore_eos...); the first token is
+    the first delta with content or call arguments, the count comes from the usage chunk."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    body = {"model": "bench", "messages": messages, "max_tokens": max_tokens,
+            "stream": True, "stream_options": {"include_usage": True}, **extra}
+    start = time.perf_counter()
+    first, reason, tokens = None, None, 0
+    with requests.post(base + "/v1/chat/completions", json=body, stream=True, timeout=(10, TIMEOUT)) as response:
+        response.raise_for_status()
+        for line in response.iter_lines(chunk_size=None):
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"our service answered an error: {event}")
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            for choice in event.get("choices") or []:
+                delta = choice.get("delta") or {}
+                if first is None and (delta.get("content") or delta.get("tool_calls")):
+                    first = time.perf_counter()
+                reason = choice.get("finish_reason") or reason
+    end = time.perf_counter()
+    return Stream(start, first or end, end, tokens, reason)
+
+
 def run_together(ask: Callable[[str], Stream], prompts: list[str]) -> list[Stream]:
     """Every prompt from its own client thread, released at the same instant."""
     barrier = threading.Barrier(len(prompts))

@@ -8,7 +8,9 @@ slow a run down, so the best run is the closest to what the code can do. Rows:
    scheduler, HTTP server and framing cost a lone user);
 2. 1, 4 and 8 concurrent streaming clients, ours versus ``python -m llama_cpp.server`` (what continuous
    batching buys when several people use the service at once);
-3. time to first token at turn 10 of a conversation versus turn 1 (whether the conversation cache works).
+3. time to first token at turn 10 of a conversation versus turn 1 (whether the conversation cache works);
+4. a tool-calling turn versus a plain turn on ``/v1/chat/completions``: decode speed with tools offered (the
+   answer is free text, but the tool grammar masks every token) against the same prompt without the grammar.
 
 ``make bench`` runs it (5 repetitions); ``--quick`` does one repetition of everything for a smoke test.
 """
@@ -26,13 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from _clients import SocketClient, Stream, aggregate, ask_ours, ask_peer, run_together
+from _clients import SocketClient, Stream, aggregate, ask_chat, ask_ours, ask_peer, run_together
 from _quiet import Quiet
 from _raw import RawLlama
 from _servers import Server, missing_peer_modules, our_server, peer_server, write_personality
 
 from app import ModelSpecs
 from llm.settings import load_settings, physical_cores
+from llm.tools import Tool, ToolUse
 
 SYSTEM = "You are a helpful assistant."
 # Distinct questions of similar length: one per concurrent client and one per conversation turn. The embedded
@@ -133,6 +136,32 @@ def conversation_ttft(base: str, quiet: Quiet, args: argparse.Namespace) -> tupl
             [stream.tokens for streams in runs for stream in streams])
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather and forecast for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                                    "units": {"enum": ["metric", "imperial"]}},
+                   "required": ["city"], "additionalProperties": False}}}]
+
+
+def tool_turns(base: str, quiet: Quiet, args: argparse.Namespace) -> dict[str, tuple[float, list[int]]]:
+    """Best decode tok/s of one stream, plain and with tools offered (a text answer under the tool grammar), both
+    run to ``--tokens`` with ``ignore_eos``, interleaved in every repetition. The plain turn's system prompt
+    carries the same tool descriptions as text, so both read the same (cached) prompt and only the grammar
+    differs."""
+    question = prompts(1, itertools.count(3000))[0]
+    described = f"{SYSTEM}\n\n{ToolUse(tuple(Tool(**t['function']) for t in TOOLS)).system_text()}"
+    kinds = {"plain": {"ignore_eos": True, "system": described}, "tools": {"ignore_eos": True, "tools": TOOLS}}
+    runs: dict[str, list[Stream]] = {kind: [] for kind in kinds}
+    for extra in kinds.values():  # warm-up (compiles the grammar once)
+        ask_chat(base, question, args.tokens, temperature=0, **extra)
+    for _ in range(args.reps + 2):
+        for kind, extra in kinds.items():
+            runs[kind].append(quiet.run(lambda extra=extra: ask_chat(base, question, args.tokens, temperature=0,
+                                                                     **extra)))
+    return {kind: (max(stream.decode_rate for stream in streams), [stream.tokens for stream in streams])
+            for kind, streams in runs.items()}
+
+
 def measure(ours: Server, peer: Server, raw: RawLlama, quiet: Quiet, args: argparse.Namespace) -> dict:
     """Every row; the peer is asked the prompt text our chat format renders, so both read the same tokens."""
     sides = {"ours": lambda question: ask_ours(ours.base, question),
@@ -143,6 +172,8 @@ def measure(ours: Server, peer: Server, raw: RawLlama, quiet: Quiet, args: argpa
     results["single"] = single_stream(raw, ours.base, quiet, args)
     print(f"bench: conversations of {args.turns} turns", file=sys.stderr)
     results["turns"] = conversation_ttft(ours.base, quiet, args)
+    print("bench: tool-calling turns against plain turns (ours)", file=sys.stderr)
+    results["tools"] = tool_turns(ours.base, quiet, args)
     return results
 
 
@@ -169,6 +200,9 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
     first, last, _ = results["turns"]
     rows.append(Row(f"first token, turn {args.turns} (ours) vs turn 1 (reference), s", fmt(last),
                     fmt(first), f"{last / first:.2f}x", "<= 1.3x", last / first <= 1.3))
+    plain, offered = results["tools"]["plain"][0], results["tools"]["tools"][0]
+    rows.append(Row("tools offered, text answer: decode tok/s (vs plain turn, same prompt)", fmt(offered),
+                    fmt(plain), f"{offered / plain:.2f}x", ">= 0.95x", offered / plain >= 0.95))
     return rows
 
 
@@ -182,8 +216,9 @@ def markdown(rows: list[Row]) -> str:
 def notes(results: dict, args: argparse.Namespace, model: str, quiet: Quiet) -> str:
     """What the reader needs to trust the table: answer lengths, model, threads, how busy the machine was."""
     def lengths(side: str) -> list[int]:  # keys are ("ours" | "peer", clients), or "single" / "turns" (ours)
-        return [n for key, value in results.items() if (key[0] if isinstance(key, tuple) else "ours") == side
-                for n in value[2]]
+        return [n for key, value in results.items() if key != "tools"
+                and (key[0] if isinstance(key, tuple) else "ours") == side for n in value[2]]
+
 
     ours_counts, peer_counts = lengths("ours"), lengths("peer")
     return (f"tokens per answer (asked {args.tokens}): ours {min(ours_counts)}-{max(ours_counts)}, "
