@@ -18,6 +18,7 @@ from typing import Any
 from flask import Flask
 
 from llm.chat import ChatService
+from llm.embeddings import Embeddings
 from llm.engine import Engine
 from llm.errors import ConfigError
 from llm.models import ModelSpec, resolve
@@ -57,6 +58,7 @@ class Services:
     chat: ChatService
     store: Any
     preprocessor: Any
+    embeddings: Embeddings
 
 
 def _split_config(config: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -92,7 +94,8 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     preprocessor = Preprocessor(settings)
     chat = ChatService(engine, personalities, store, specs, preprocessor,
                        max_prompt_tokens=settings.max_prompt_tokens)
-    app.extensions["llm"] = Services(settings, engine, personalities, specs, chat, store, preprocessor)
+    embeddings = Embeddings(settings, lambda: specs().path)
+    app.extensions["llm"] = Services(settings, engine, personalities, specs, chat, store, preprocessor, embeddings)
 
     from llm import auth, guard, limits
     from llm.api import anthropic, gpt, history, openai, pages, toil

@@ -128,6 +128,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_CHAT_FORMAT", "chat_format", None, _text,
             "Force a chat format (gemma, chatml, llama3, phi3) for a GGUF without a chat template whose "
             "architecture does not tell its family. Default: the GGUF's template, else its architecture."),
+    Setting("LLM_EMBEDDING_MODEL", "embedding_model", "wordllama", _text,
+            "Model behind `/v1/embeddings`, loaded on first use: `wordllama` (the embedded WordLlama model, "
+            "offline), a path to a GGUF embedding model (run by llama.cpp), `chat` (the chat model's mean-pooled "
+            "states, a weaker fallback) or `off`."),
     Setting("LLM_CONTEXT_WINDOW", "context_window", 4096, _int(256),
             "Tokens one conversation may use: system prompt, context, history and reply share it."),
     Setting("LLM_CPU_THREADS", "cpu_threads", None, _int(1),

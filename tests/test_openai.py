@@ -26,7 +26,7 @@ def oai(live_fake):
 
 def test_list_models(oai):
     models = oai.models.list()
-    assert [m.id for m in models.data] == ["greedy", "other", "structured"]
+    assert [m.id for m in models.data] == ["greedy", "other", "structured", "wordllama-l2-supercat"]
     assert models.data[0].model_extra["gguf"] == "fake-model.gguf"
 
 
@@ -104,7 +104,7 @@ def test_structured_output_never_returns_invalid(oai, fake_engine):
                                          response_format={"type": "json_schema",
                                                           "json_schema": {"name": "x", "schema": {"type": 5}}}),
      openai.BadRequestError, 400),
-    (lambda c: c.embeddings.create(model="greedy", input="x"), openai.BadRequestError, 400),
+    (lambda c: c.embeddings.create(model="greedy", input=""), openai.BadRequestError, 400),
 ])
 def test_errors_raise_client_exceptions(oai, call, exception, status):
     with pytest.raises(exception) as info:

@@ -7,6 +7,7 @@ the same guarantees as ``/toil``, and errors in OpenAI's shape (rendered by ``ll
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -18,6 +19,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from llm.api import structured
 from llm.auth import current_user
 from llm.chat import ActiveTurn, message_text
+from llm.embeddings import MAX_INPUTS
 from llm.engine import JsonConstraint
 from llm.errors import BadRequest, IncompleteOutput, PayloadTooLarge, ServiceError
 from llm.schema_support import check_schema, validate_output
@@ -213,23 +215,37 @@ def finish_reason(turn: ActiveTurn) -> str:
 
 # What /v1 does with a personality today, so clients can tell before they try.
 CAPABILITIES = {"chat": True, "completions": True, "streaming": True, "json_schema": True, "n": True,
-                "tools": True, "logprobs": False, "embeddings": False}
+                "tools": True, "logprobs": False}
 
 
 def model_card(personality) -> dict:
     spec = services().specs(personality)
     return {"id": personality.name, "object": "model", "created": 0, "owned_by": "local",
             "description": personality.description, "gguf": spec.name, "context_length": spec.context_window,
-            "language": personality.language, "capabilities": CAPABILITIES}
+            "language": personality.language,
+            "capabilities": {**CAPABILITIES, "embeddings": services().embeddings.enabled}}
+
+
+def embedding_card() -> dict:
+    """The embedding model (its name and any personality's serve ``/v1/embeddings``)."""
+    return {"id": services().embeddings.name, "object": "model", "created": 0, "owned_by": "local",
+            "description": "Embedding model behind /v1/embeddings (LLM_EMBEDDING_MODEL).",
+            "capabilities": {**dict.fromkeys(CAPABILITIES, False), "embeddings": True}}
 
 
 @blueprint.get("/models")
 def models():
-    return jsonify({"object": "list", "data": [model_card(p) for p in services().personalities.all()]})
+    cards = [model_card(p) for p in services().personalities.all()]
+    if services().embeddings.enabled:
+        cards.append(embedding_card())
+    return jsonify({"object": "list", "data": cards})
 
 
 @blueprint.get("/models/<name>")
 def model(name: str):
+    embeddings = services().embeddings
+    if embeddings.enabled and name == embeddings.name:
+        return jsonify(embedding_card())
     return jsonify(model_card(services().personalities.get(name)))
 
 
@@ -417,8 +433,35 @@ def text_chunks(turn: ActiveTurn, ident: str, created: int, name: str) -> Iterat
 
 @blueprint.post("/embeddings")
 def embeddings():
-    body()
-    error = BadRequest("Embeddings are not supported: the service's models are loaded for text generation only.",
-                       param="model")
-    error.code = "embeddings_not_supported"
-    raise error
+    """Unit vectors from the service's embedding model; ``model`` is its name or any personality's."""
+    data = body()
+    service = services().embeddings
+    name = _model_name(data)
+    if name != service.name:
+        services().personalities.get(name)  # a 404 in OpenAI's shape for an unknown model
+    texts = embedding_inputs(data.get("input"))
+    encoding = data.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise BadRequest("'encoding_format' must be float or base64.", param="encoding_format")
+    vectors, tokens = service.create(texts, _number(data, "dimensions", 1, 1 << 16, True))
+    if encoding == "base64":
+        encoded = [base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii") for vector in vectors]
+    else:
+        encoded = vectors.tolist()
+    return jsonify({"object": "list", "model": service.model().name, "usage": {"prompt_tokens": tokens,
+                                                                             "total_tokens": tokens},
+                    "data": [{"object": "embedding", "index": index, "embedding": vector}
+                             for index, vector in enumerate(encoded)]})
+
+
+def embedding_inputs(value: Any) -> list[str]:
+    """``input``: a string or a list of strings (token arrays are tokenizer-specific: text only)."""
+    texts = [value] if isinstance(value, str) else value
+    if isinstance(texts, list) and texts and all(isinstance(item, (int, list)) for item in texts):
+        raise BadRequest("'input' as token ids is not supported: send text (LangChain: OpenAIEmbeddings("
+                         "check_embedding_ctx_length=False)).", param="input")
+    if not isinstance(texts, list) or not 1 <= len(texts) <= MAX_INPUTS or not all(
+            isinstance(text, str) and text.strip() for text in texts):
+        raise BadRequest(f"'input' must be a non-empty string or a list of 1 to {MAX_INPUTS} non-empty strings.",
+                         param="input")
+    return texts
