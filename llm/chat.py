@@ -63,8 +63,10 @@ def check_prompt(prompt: Any) -> str:
 
 
 def sampling_for(personality: Personality, overrides: dict[str, Any] | None) -> SamplingParams:
-    """The personality's sampling settings with the request's own values on top."""
-    return SamplingParams.from_mapping({**personality.sampling, **(overrides or {})})
+    """The personality's sampling settings with the request's own values on top (a value the request leaves out,
+    None, keeps the personality's)."""
+    chosen = {key: value for key, value in (overrides or {}).items() if value is not None}
+    return SamplingParams.from_mapping({**personality.sampling, **chosen})
 
 
 @dataclass
