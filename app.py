@@ -98,7 +98,7 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     app.extensions["llm"] = Services(settings, engine, personalities, specs, chat, store, preprocessor, embeddings)
 
     from llm import auth, guard, limits
-    from llm.api import anthropic, gpt, history, openai, pages, toil
+    from llm.api import anthropic, embeddings, gpt, history, openai, pages, toil
     from llm.api.errors import register_error_handlers
     from llm.api.socket import SocketRegistry
 
@@ -112,6 +112,7 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     app.register_blueprint(toil.blueprint)
     app.register_blueprint(openai.blueprint)
     app.register_blueprint(anthropic.blueprint)
+    app.register_blueprint(embeddings.blueprint)
     app.extensions["llm_sockets"] = SocketRegistry(settings.max_sockets_per_user,
                                                    settings.parallel + settings.queue_size + 8)
     from llm.observability import install_observability

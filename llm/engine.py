@@ -40,6 +40,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     ignore_eos: bool = False  # keep generating past end-of-generation tokens, up to max_tokens
+    logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely alternatives
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], base: SamplingParams | None = None) -> SamplingParams:
@@ -86,6 +87,16 @@ class GenerationRequest:
     timeout: float | None = None  # seconds the answer may take (LLM_REQUEST_TIMEOUT when None)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (before temperature and the sampler chain; after a
+    grammar's mask), and the ``top`` most likely tokens at that position as (bytes, logprob)."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
 @dataclass
 class Usage:
     """Figures reported when an answer ends."""
@@ -124,6 +135,7 @@ class Handle:
         self.usage = Usage()
         self.error: ServiceError | None = None
         self.created = time.monotonic()
+        self.logprobs: list[TokenLogprob] = []  # appended by the producer before the token's text is pushed
 
     # producer side
     def push(self, text: str) -> None:

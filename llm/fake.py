@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from llm.engine import GenerationRequest, Handle, JsonConstraint, Message, Usage
+from llm.engine import GenerationRequest, Handle, JsonConstraint, Message, TokenLogprob, Usage
 from llm.errors import PayloadTooLarge, ServiceError
 
 
@@ -60,6 +60,9 @@ class FakeEngine:
                 return
             if self.delay:
                 time.sleep(self.delay)
+            if request.sampling.logprobs is not None:  # every scripted piece is one certain token
+                handle.logprobs.append(TokenLogprob(piece.encode(), 0.0, ((piece.encode(), 0.0),)[
+                    :request.sampling.logprobs]))
             handle.push(piece)
         produced = min(len(pieces), limit)
         reason = "length" if len(pieces) > limit else "stop"

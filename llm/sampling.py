@@ -13,11 +13,25 @@ import ctypes
 import random
 
 import llama_cpp
+import numpy as np
 
-from llm.engine import SamplingParams
+from llm.engine import SamplingParams, TokenLogprob
 
 # DRY's default sequence breakers (llama.cpp's common defaults): repetition across these is not penalised.
 _DRY_BREAKERS = ("\n", ":", '"', "*")
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int, piece) -> TokenLogprob:
+    """The sampled token's log-probability (a log-softmax of the logits) and the ``top`` most likely tokens;
+    ``piece(token)`` gives a token's bytes. Costs one pass over the vocabulary, so only for requests asking."""
+    peak = float(logits.max())
+    total = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+    best: tuple[tuple[bytes, float], ...] = ()
+    if top:
+        candidates = np.argpartition(logits, -top)[-top:]
+        candidates = candidates[np.argsort(logits[candidates])[::-1]]
+        best = tuple((piece(int(t)), float(logits[t]) - total) for t in candidates)
+    return TokenLogprob(piece(token), float(logits[token]) - total, best)
 
 
 def build_sampler(params: SamplingParams, vocab, n_vocab: int, end_tokens: tuple[int, ...] = ()):

@@ -29,7 +29,7 @@ import numpy as np
 from llm.engine import Handle, SamplingParams, Usage
 from llm.errors import GenerationFailed, Overloaded, ServiceError
 from llm.model import LoadedModel
-from llm.sampling import TextStream, build_sampler
+from llm.sampling import TextStream, build_sampler, token_logprob
 from llm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -415,8 +415,10 @@ class Scheduler:
 
     def _sample(self, slot: Slot, index: int) -> None:
         job, model = slot.job, self.model
-        if job.constraint is not None:
+        wants_logprobs = job.sampling.logprobs is not None
+        if job.constraint is not None or wants_logprobs:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(model.n_vocab,))
+        if job.constraint is not None:
             try:
                 job.constraint.mask_logits(logits)
             except ServiceError as exc:  # e.g. the grammar engine hit a resource limit
@@ -435,6 +437,8 @@ class Scheduler:
             self._finish(slot, "stop")
             return
         job.generated += 1
+        if wants_logprobs:
+            job.handle.logprobs.append(token_logprob(logits, token, job.sampling.logprobs, model.piece))
         job.handle.push(job.stream.feed(model.piece(token)))
         if job.stream.stopped or (job.constraint is not None and job.constraint.is_finished()):
             self._finish(slot, "stop")

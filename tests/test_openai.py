@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import openai
@@ -208,8 +209,8 @@ def test_llama_server_parameters_are_honoured(oai, fake_engine):
     assert sampling.logit_bias == ((42, -100.0),)
 
 
-@pytest.mark.parametrize("extra", [{"logprobs": True}, {"top_logprobs": 2},
-                                   {"functions": [{"name": "f", "parameters": {"type": "object"}}]}])
+@pytest.mark.parametrize("extra", [{"functions": [{"name": "f", "parameters": {"type": "object"}}]},
+                                   {"prediction": {"type": "content", "content": "x"}}])
 def test_parameters_not_supported_yet_are_refused_by_name(oai, extra):
     name = next(iter(extra))
     with pytest.raises(openai.BadRequestError) as caught:
@@ -221,3 +222,61 @@ def test_models_say_their_context_length_and_capabilities(oai):
     card = oai.models.retrieve("greedy").model_dump()
     assert card["context_length"] > 0 and card["capabilities"]["json_schema"] is True
     assert card["capabilities"]["tools"] is True
+
+
+def test_several_choices_stream_interleaved(oai, fake_engine):
+    for text in (["One", " two"], ["Three", " four", " five"]):
+        fake_engine.script(text)
+    chunks = list(oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}], n=2,
+                                              stream=True, stream_options={"include_usage": True}))
+    texts, reasons = {0: "", 1: ""}, {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons.get(choice.index)
+    assert sorted(texts.values()) == ["One two", "Three four five"] and reasons == {0: "stop", 1: "stop"}
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+def test_logprobs_come_with_each_token(oai, fake_engine):
+    fake_engine.script(["Hello", " there"])
+    reply = oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}], logprobs=True,
+                                        top_logprobs=1)
+    content = reply.choices[0].logprobs.content
+    assert [entry.token for entry in content] == ["Hello", " there"] and content[0].bytes == list(b"Hello")
+    assert fake_engine.requests[-1].sampling.logprobs == 1 and content[0].top_logprobs[0].logprob == 0.0
+    fake_engine.script(["a", "b"])
+    chunks = list(oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}],
+                                              logprobs=True, stream=True))
+    streamed = [entry.token for chunk in chunks for entry in (chunk.choices[0].logprobs.content
+                                                              if chunk.choices[0].logprobs else [])]
+    assert streamed == ["a", "b"]
+    text = oai.completions.create(model="greedy", prompt="x", logprobs=2)
+    assert text.choices[0].logprobs.tokens == ["Hello", " from", " the", " fake", " engine."]
+    assert text.choices[0].logprobs.text_offset == [0, 5, 10, 14, 19]
+
+
+@pytest.mark.parametrize(("extra", "param"), [({"top_logprobs": 3}, "top_logprobs"),
+                                              ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                                              ({"logprobs": 3}, "logprobs")])
+def test_bad_logprobs_are_400s(oai, extra, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}], **extra)
+    assert caught.value.body["param"] == param
+
+
+def test_real_model_logprobs_are_probabilities(live_real):
+    with client_for(live_real) as client:
+        reply = client.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=5, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == reply.choices[0].message.content
+    for entry in content:  # greedy: the chosen token is the most likely one, and probabilities sum below 1
+        assert entry.logprob <= 0 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-4)
+        assert sum(math.exp(top.logprob) for top in entry.top_logprobs) <= 1.0001
+
+
+def test_parameters_left_out_keep_the_personalitys_values(oai, fake_engine):
+    oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "x"}], top_p=0.5)
+    sampling = fake_engine.requests[-1].sampling
+    assert (sampling.temperature, sampling.repeat_penalty, sampling.max_tokens, sampling.top_p) == (0, 1.0, 24, 0.5)

@@ -98,7 +98,7 @@ def oai(live_fake):
 
 def ask(oai, **extra):
     return oai.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "Weather in Paris?"}],
-                                       tools=TOOLS, **extra)
+                                       tools=TOOLS, max_tokens=500, **extra)
 
 
 def test_a_call_comes_back_as_tool_calls(oai, fake_engine):
@@ -152,7 +152,7 @@ def test_streamed_calls_arrive_as_openai_deltas(oai, fake_engine):
 def test_the_sdk_stream_helper_assembles_the_calls(oai, fake_engine):
     fake_engine.script(list(call("get_weather", {"city": "Oslo"})))
     with oai.chat.completions.stream(model="greedy", messages=[{"role": "user", "content": "x"}],
-                                     tools=TOOLS) as stream:
+                                     tools=TOOLS, max_tokens=500) as stream:
         final = stream.get_final_completion()
     assert final.choices[0].message.tool_calls[0].function.arguments == '{"city":"Oslo"}'
 
@@ -214,7 +214,7 @@ def test_real_model_calls_are_always_valid(real_oai):
 def test_real_model_with_auto_answers_text_or_valid_calls_and_streams_them(real_oai):
     chunks = list(real_oai.chat.completions.create(
         model="greedy", messages=[{"role": "user", "content": "What time is it?"}], tools=TOOLS, max_tokens=120,
-        stream=True))
+        parallel_tool_calls=False, stream=True))
     reason = chunks[-1].choices[0].finish_reason
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
     calls = [delta for chunk in chunks for delta in chunk.choices[0].delta.tool_calls or []]

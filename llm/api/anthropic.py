@@ -18,7 +18,8 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from llm.api.openai import _number, body, sse_lines
+from llm.api.openai import _number, body
+from llm.api.openai_output import sse_lines
 from llm.auth import current_user
 from llm.chat import ActiveTurn
 from llm.errors import BadRequest, PayloadTooLarge

@@ -7,24 +7,32 @@ the same guarantees as ``/toil``, and errors in OpenAI's shape (rendered by ``ll
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from llm.api import structured
+from llm.api.openai_output import (
+    answer,
+    chat_chunks,
+    chat_logprobs,
+    finish_reason,
+    run_choices,
+    sse,
+    start_choices,
+    text_chunks,
+    text_logprobs,
+    usage_of,
+)
 from llm.auth import current_user
 from llm.chat import ActiveTurn, message_text
-from llm.embeddings import MAX_INPUTS
 from llm.engine import JsonConstraint
-from llm.errors import BadRequest, IncompleteOutput, PayloadTooLarge, ServiceError
-from llm.schema_support import check_schema, validate_output
-from llm.server import on_disconnect
-from llm.tools import CallReader, ToolUse, assistant_text, check_tool, results_text
+from llm.errors import BadRequest, PayloadTooLarge
+from llm.schema_support import check_schema
+from llm.tools import ToolUse, assistant_text, check_tool, results_text
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -52,8 +60,8 @@ def _number(data: dict, name: str, low: float, high: float, integer: bool = Fals
 
 
 # OpenAI parameters this API does not honour yet: a 400 naming them, never a silent answer without them.
-NOT_YET = ("logprobs", "top_logprobs", "functions", "function_call", "audio", "modalities", "prediction",
-           "web_search_options", "suffix", "echo", "best_of")
+NOT_YET = ("functions", "function_call", "audio", "modalities", "prediction", "web_search_options", "suffix",
+           "echo", "best_of")
 MAX_CHOICES = 8
 
 
@@ -64,11 +72,20 @@ def refuse_unsupported(data: dict) -> None:
 
 
 def choices_wanted(data: dict) -> int:
-    """``n``: several answers to one request, decoded together in the batch (not with stream or a schema)."""
+    """``n``: several answers to one request, decoded together in the batch (not with a schema, whose answers
+    are validated and resampled one by one)."""
     count = _number(data, "n", 1, MAX_CHOICES, True) or 1
-    if count > 1 and (data.get("stream") or data.get("response_format")):
-        raise BadRequest("'n' above 1 is supported without stream and response_format only.", param="n")
+    if count > 1 and data.get("response_format") not in (None, {"type": "text"}):
+        raise BadRequest("'n' above 1 is not supported with response_format.", param="n")
     return count
+
+
+def chat_logprobs_wanted(data: dict) -> int | None:
+    """``logprobs`` (true: each token's log-probability) and ``top_logprobs`` (0-20 alternatives per token)."""
+    wanted, top = _flag(data, "logprobs"), _number(data, "top_logprobs", 0, 20, True)
+    if top is not None and not wanted:
+        raise BadRequest("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def _logit_bias(data: dict) -> dict[int, float] | None:
@@ -200,22 +217,9 @@ def context_errors(error: PayloadTooLarge) -> BadRequest:
     return converted
 
 
-def usage_of(*turns: ActiveTurn) -> dict[str, int]:
-    """Usage of one answer, or of several choices to one prompt (its tokens counted once, as OpenAI does)."""
-    first = turns[0].handle.usage
-    completion = sum(turn.handle.usage.completion_tokens for turn in turns)
-    return {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": first.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
-
-
-def finish_reason(turn: ActiveTurn) -> str:
-    return "length" if turn.handle.finish_reason == "length" else "stop"
-
-
 # What /v1 does with a personality today, so clients can tell before they try.
 CAPABILITIES = {"chat": True, "completions": True, "streaming": True, "json_schema": True, "n": True,
-                "tools": True, "logprobs": False}
+                "tools": True, "logprobs": True}
 
 
 def model_card(personality) -> dict:
@@ -262,7 +266,7 @@ def chat_completions():
     name = _model_name(data)
     constraint, schema = response_constraint(data)
     tools = tool_use(data)
-    sampling = sampling_options(data)
+    sampling = {**sampling_options(data), "logprobs": chat_logprobs_wanted(data)}
     messages = plain_history(data.get("messages"))
 
     def start(options: dict, seconds: float | None = None) -> ActiveTurn:
@@ -273,124 +277,26 @@ def chat_completions():
             raise context_errors(error) from None
 
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    count, logprobs = choices_wanted(data), sampling["logprobs"] is not None
     if constraint is not None and not data.get("stream"):  # validated, and resampled if the grammar is a superset
         turn, value = structured.answer(start, schema, sampling, services().settings.schema_timeout,
                                         services().personalities.get(name))
         text = json.dumps(value, ensure_ascii=False)
         return jsonify({"id": ident, "object": "chat.completion", "created": created, "model": name,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": "stop", "logprobs": None}],
+                                     "finish_reason": "stop",
+                                     "logprobs": chat_logprobs(turn.handle.logprobs) if logprobs else None}],
                         "usage": usage_of(turn)}), 200, structured.headers(schema)
-    count = choices_wanted(data)
     if data.get("stream"):
-        turn = start(sampling)
-        on_disconnect(turn.cancel)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        return sse(chat_chunks(turn, ident, created, name, include_usage, constraint, schema, tools))
+        return sse(chat_chunks(start_choices(start, sampling, count), ident, created, name, include_usage,
+                               constraint, schema, tools, logprobs))
     turns, texts = run_choices(start, sampling, count)
-    choices = [{"index": index, **answer(turn, text, tools), "logprobs": None}
+    choices = [{"index": index, **answer(turn, text, tools),
+                "logprobs": chat_logprobs(turn.handle.logprobs) if logprobs else None}
                for index, (turn, text) in enumerate(zip(turns, texts, strict=True))]
     return jsonify({"id": ident, "object": "chat.completion", "created": created, "model": name,
                     "choices": choices, "usage": usage_of(*turns)})
-
-
-def answer(turn: ActiveTurn, text: str, tools: ToolUse | None) -> dict:
-    """One choice's message and finish reason: text, or the calls the model made."""
-    if tools is None:
-        return {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(turn)}
-    content, calls = tools.parse(text, turn.handle.finish_reason)
-    if not calls:
-        return {"message": {"role": "assistant", "content": content}, "finish_reason": finish_reason(turn)}
-    return {"message": {"role": "assistant", "content": None, "tool_calls": [
-        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-        for call in calls]}, "finish_reason": "tool_calls"}
-
-
-def run_choices(start, sampling: dict, count: int) -> tuple[list[ActiveTurn], list[str]]:
-    """``count`` answers submitted together (the scheduler decodes them in one batch), each with its own seed."""
-    seed = sampling.get("seed")
-    turns = [start(sampling if count == 1 else {**sampling, "seed": None if seed is None else seed + index})
-             for index in range(count)]
-    for turn in turns:
-        on_disconnect(turn.cancel)
-    try:
-        return turns, ["".join(turn.pieces()) for turn in turns]
-    finally:
-        for turn in turns:
-            turn.cancel()
-
-
-def chat_chunks(turn: ActiveTurn, ident: str, created: int, name: str, include_usage: bool,
-                constraint, schema, tools: ToolUse | None = None) -> Iterator[dict]:
-    def chunk(delta: dict, reason: str | None = None) -> dict:
-        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
-
-    reader = CallReader() if tools is not None else None
-    announced = reader is None  # with tools, the role rides on the first delta, once text or call is known
-
-    def deltas(events: Iterator[tuple]) -> Iterator[dict]:
-        nonlocal announced
-        for delta in map(tool_delta, events):
-            yield chunk(delta if announced else {"role": "assistant", "content": None, **delta})
-            announced = True
-
-    if reader is None:
-        yield chunk({"role": "assistant", "content": ""})
-    try:
-        for piece in turn.pieces():
-            yield from deltas(reader.feed(piece)) if reader is not None else (chunk({"content": piece}),)
-    finally:
-        turn.cancel()
-    reason = finish_reason(turn)
-    if reader is not None:
-        yield from deltas(reader.close())
-        if reader.finish(tools, turn.handle.finish_reason)[1]:  # validates every call
-            reason = "tool_calls"
-    if constraint is not None:
-        if turn.handle.finish_reason == "length":
-            raise IncompleteOutput("The JSON value was not complete within max_tokens; raise max_tokens.")
-        validate_output(schema, turn.text)
-    yield chunk({}, reason)
-    if include_usage:
-        yield {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [],
-               "usage": usage_of(turn)}
-
-
-def tool_delta(event: tuple) -> dict:
-    """A reader event as OpenAI streams it: a call opens with its id and name, then its arguments stream."""
-    if event[0] == "text":
-        return {"content": event[1]}
-    if event[0] == "call":
-        return {"tool_calls": [{"index": event[1], "id": event[2], "type": "function",
-                                "function": {"name": event[3], "arguments": ""}}]}
-    return {"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}
-
-
-def sse_lines(events: Iterator[dict], named: bool = False) -> Iterator[str]:
-    """Events as server-sent event lines; an error mid-stream becomes an error event. ``named``: Anthropic's
-    style (``event: <type>`` lines, no ``[DONE]``); else OpenAI's (``data:`` only, ending with ``[DONE]``)."""
-    try:
-        for event in events:
-            head = f"event: {event['type']}\n" if named else ""
-            yield f"{head}data: {json.dumps(event, ensure_ascii=False)}\n\n"
-    except ServiceError as error:
-        if named:
-            from llm.api.anthropic import error_body
-
-            yield f"event: error\ndata: {json.dumps(error_body(error.message, error.status))}\n\n"
-        else:
-            yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.type, 'code': None}})}\n\n"
-    finally:
-        events.close()  # runs the generator's cleanup, which cancels the engine request
-    if not named:
-        yield "data: [DONE]\n\n"
-
-
-def sse(events: Iterator[dict]) -> Response:
-    """OpenAI's server-sent events; a client that goes away cancels generation."""
-    return Response(sse_lines(events), mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
-                                                                               "X-Accel-Buffering": "no"})
 
 
 @blueprint.post("/completions")
@@ -401,6 +307,7 @@ def completions():
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     sampling, count = sampling_options(data), choices_wanted(data)
+    sampling["logprobs"] = _number(data, "logprobs", 0, 5, True)  # the legacy API: how many alternatives
 
     def start(options: dict) -> ActiveTurn:
         try:
@@ -409,59 +316,12 @@ def completions():
             raise context_errors(error) from None
 
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    logprobs = sampling["logprobs"] is not None
     if data.get("stream"):
-        turn = start(sampling)
-        on_disconnect(turn.cancel)
-        return sse(text_chunks(turn, ident, created, name))
+        return sse(text_chunks(start_choices(start, sampling, count), ident, created, name, logprobs))
     turns, texts = run_choices(start, sampling, count)
     return jsonify({"id": ident, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"index": index, "text": text, "finish_reason": finish_reason(turn), "logprobs": None}
+                    "choices": [{"index": index, "text": text, "finish_reason": finish_reason(turn),
+                                 "logprobs": text_logprobs(turn.handle.logprobs) if logprobs else None}
                                 for index, (turn, text) in enumerate(zip(turns, texts, strict=True))],
                     "usage": usage_of(*turns)})
-
-
-def text_chunks(turn: ActiveTurn, ident: str, created: int, name: str) -> Iterator[dict]:
-    try:
-        for piece in turn.pieces():
-            yield {"id": ident, "object": "text_completion", "created": created, "model": name,
-                   "choices": [{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}]}
-        yield {"id": ident, "object": "text_completion", "created": created, "model": name,
-               "choices": [{"index": 0, "text": "", "finish_reason": finish_reason(turn), "logprobs": None}]}
-    finally:
-        turn.cancel()
-
-
-@blueprint.post("/embeddings")
-def embeddings():
-    """Unit vectors from the service's embedding model; ``model`` is its name or any personality's."""
-    data = body()
-    service = services().embeddings
-    name = _model_name(data)
-    if name != service.name:
-        services().personalities.get(name)  # a 404 in OpenAI's shape for an unknown model
-    texts = embedding_inputs(data.get("input"))
-    encoding = data.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise BadRequest("'encoding_format' must be float or base64.", param="encoding_format")
-    vectors, tokens = service.create(texts, _number(data, "dimensions", 1, 1 << 16, True))
-    if encoding == "base64":
-        encoded = [base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii") for vector in vectors]
-    else:
-        encoded = vectors.tolist()
-    return jsonify({"object": "list", "model": service.model().name, "usage": {"prompt_tokens": tokens,
-                                                                             "total_tokens": tokens},
-                    "data": [{"object": "embedding", "index": index, "embedding": vector}
-                             for index, vector in enumerate(encoded)]})
-
-
-def embedding_inputs(value: Any) -> list[str]:
-    """``input``: a string or a list of strings (token arrays are tokenizer-specific: text only)."""
-    texts = [value] if isinstance(value, str) else value
-    if isinstance(texts, list) and texts and all(isinstance(item, (int, list)) for item in texts):
-        raise BadRequest("'input' as token ids is not supported: send text (LangChain: OpenAIEmbeddings("
-                         "check_embedding_ctx_length=False)).", param="input")
-    if not isinstance(texts, list) or not 1 <= len(texts) <= MAX_INPUTS or not all(
-            isinstance(text, str) and text.strip() for text in texts):
-        raise BadRequest(f"'input' must be a non-empty string or a list of 1 to {MAX_INPUTS} non-empty strings.",
-                         param="input")
-    return texts
