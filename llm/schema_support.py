@@ -410,7 +410,19 @@ def _format_checker(cls: type) -> jsonschema.FormatChecker:
     for name, with_date in (("date-time", True), ("time", False)):
         if name not in checker.checkers:
             checker.checks(name)(lambda value, with_date=with_date: _is_rfc3339(value, with_date))
+    # JSON Pointers by their grammars, whatever is installed: jsonschema checks them only when the jsonpointer
+    # package is present, and then refuses valid relative pointers such as "100" (a zero after any digit).
+    if cls not in (validators.Draft3Validator, validators.Draft4Validator):
+        checker.checks("json-pointer")(lambda value: not isinstance(value, str) or bool(_POINTER.fullmatch(value)))
+        if cls is not validators.Draft6Validator:
+            checker.checks("relative-json-pointer")(
+                lambda value: not isinstance(value, str) or bool(_RELATIVE_POINTER.fullmatch(value)))
     return checker
+
+
+_POINTER = re.compile(r"(/([^~/]|~[01])*)*", re.DOTALL)  # RFC 6901
+# draft-handrews-relative-json-pointer-01: a non-negative integer, then "#" or a JSON Pointer
+_RELATIVE_POINTER = re.compile(r"(0|[1-9][0-9]*)(#|(/([^~/]|~[01])*)*)", re.DOTALL)
 
 
 def _is_ecma_regex(value: str) -> bool:
