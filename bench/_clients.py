@@ -29,6 +29,7 @@ class Stream:
     tokens: int
     finish_reason: str | None
     server_rate: float | None = None  # ours only: the scheduler's own tokens/s from the end frame's usage
+    text: str = ""  # ours only: the answer, to compare outputs
 
     @property
     def ttft(self) -> float:
@@ -52,26 +53,27 @@ class SocketClient:
         """Send a prompt and read frames until its end frame; usage gives the exact token count."""
         start = time.perf_counter() if start is None else start
         self.ws.send(prompt)
-        first = None
+        first, text = None, []
         while True:
             frame = json.loads(self.ws.recv())
-            if frame["type"] == "token" and first is None:
-                first = time.perf_counter()
+            if frame["type"] == "token":
+                first = first or time.perf_counter()
+                text.append(frame["text"])
             elif frame["type"] == "error":
                 raise RuntimeError(f"our service answered an error: {frame}")
             elif frame["type"] == "end":
                 end = time.perf_counter()
                 usage = frame.get("usage") or {}
                 return Stream(start, first or end, end, usage.get("completion_tokens", 0),
-                              frame.get("finish_reason"), usage.get("tokens_per_second"))
+                              frame.get("finish_reason"), usage.get("tokens_per_second"), "".join(text))
 
     def close(self) -> None:
         self.ws.close()
 
 
-def ask_ours(base: str, prompt: str) -> Stream:
+def ask_ours(base: str, prompt: str, personality: str = "bench") -> Stream:
     """A new user: connect, ask once, disconnect (the clock includes the websocket handshake)."""
-    client = SocketClient(base, "bench")
+    client = SocketClient(base, personality)
     try:
         return client.ask(prompt, start=client.start)
     finally:

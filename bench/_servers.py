@@ -22,7 +22,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 
 BENCH_PERSONALITY = """\
-name = "bench"
+name = "{name}"
 description = "Benchmark personality: greedy, fixed answer length."
 intro = "Benchmark."
 system_prompt = "{system}"
@@ -32,6 +32,7 @@ temperature = 0
 top_p = 1
 repeat_penalty = 1.0
 max_tokens = {tokens}
+speculative = {speculative}
 """
 
 
@@ -51,8 +52,11 @@ def free_port() -> int:
 
 
 def write_personality(directory: Path, system: str, tokens: int) -> None:
-    """The bench personality: temperature 0 and max_tokens fixed, so both sides do the same work."""
-    (directory / "bench.toml").write_text(BENCH_PERSONALITY.format(system=system, tokens=tokens))
+    """The bench personalities: temperature 0 and max_tokens fixed, so both sides do the same work; ``bench``
+    with speculative decoding (the default), ``bench-nodraft`` without."""
+    for name, speculative in (("bench", "true"), ("bench-nodraft", "false")):
+        (directory / f"{name}.toml").write_text(BENCH_PERSONALITY.format(name=name, system=system, tokens=tokens,
+                                                                          speculative=speculative))
 
 
 class Server:

@@ -9,7 +9,9 @@ slow a run down, so the best run is the closest to what the code can do. Rows:
 2. 1, 4 and 8 concurrent streaming clients, ours versus ``python -m llama_cpp.server`` (what continuous
    batching buys when several people use the service at once);
 3. time to first token at turn 10 of a conversation versus turn 1 (whether the conversation cache works);
-4. a tool-calling turn versus a plain turn on ``/v1/chat/completions``: decode speed with tools offered (the
+4. speculative decoding (prompt-lookup drafts) on one stream: a prompt whose answer copies it, ours with drafts
+   versus raw llama.cpp and versus ours without drafts (outputs compared), and free chat with and without;
+5. a tool-calling turn versus a plain turn on ``/v1/chat/completions``: decode speed with tools offered (the
    answer is free text, but the tool grammar masks every token) against the same prompt without the grammar.
 
 ``make bench`` runs it (5 repetitions); ``--quick`` does one repetition of everything for a smoke test.
@@ -47,6 +49,13 @@ QUESTION = "Question {}: tell me, in great detail, everything you know about {}.
 # question; the shared system prompt may be cached, as it would be for real users. Numbers for the
 # concurrency rows start at 1000 on each side, so both servers answer the very same questions there.
 CONCURRENT_FROM = 1000
+# An answer that copies its prompt (what RAG answers, extraction and edits do), for the speculative rows.
+PASSAGE = ("The harbour lighthouse was built in 1871 from granite quarried on the island. Its lamp burned whale "
+           "oil until 1904, then kerosene, and since 1952 an electric lamp whose beam reaches twenty-two nautical "
+           "miles. Three keepers lived in the cottages below the tower; the last of them left in 1987, when the "
+           "light was automated. The tower is open to visitors on summer weekends, and the keepers' cottages now "
+           "hold a small museum of charts, logbooks and lenses.")
+COPY = f"Repeat this passage exactly, word for word:\n\n{PASSAGE}"
 
 
 @dataclass
@@ -136,6 +145,25 @@ def conversation_ttft(base: str, quiet: Quiet, args: argparse.Namespace) -> tupl
             [stream.tokens for streams in runs for stream in streams])
 
 
+def speculation(raw: RawLlama, base: str, quiet: Quiet, args: argparse.Namespace) -> dict:
+    """Best single-stream decode tok/s: the copy prompt on raw llama.cpp, on ours with and without drafts, and a
+    free-chat question on ours with and without; whether the copy outputs are the same with and without."""
+    chat = QUESTION.format(4000, "lighthouses")
+    asks = {"raw": lambda: raw.generate(raw.render(SYSTEM, COPY), args.tokens),
+            "copy": lambda: ask_ours(base, COPY, "bench"), "copy_plain": lambda: ask_ours(base, COPY, "bench-nodraft"),
+            "chat": lambda: ask_ours(base, chat, "bench"), "chat_plain": lambda: ask_ours(base, chat, "bench-nodraft")}
+    for ask in asks.values():  # warm-up: every prompt cached, so only decoding is timed
+        ask()
+    runs: dict[str, list] = {kind: [] for kind in asks}
+    for _ in range(args.reps + 2):
+        for kind, ask in asks.items():
+            runs[kind].append(quiet.run(ask))
+    best = {kind: max(run.tokens_per_second if kind == "raw" else run.decode_rate for run in values)
+            for kind, values in runs.items()}
+    best["same"] = all(a.text == b.text for a, b in zip(runs["copy"], runs["copy_plain"], strict=True))
+    return best
+
+
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather and forecast for a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
@@ -172,6 +200,8 @@ def measure(ours: Server, peer: Server, raw: RawLlama, quiet: Quiet, args: argpa
     results["single"] = single_stream(raw, ours.base, quiet, args)
     print(f"bench: conversations of {args.turns} turns", file=sys.stderr)
     results["turns"] = conversation_ttft(ours.base, quiet, args)
+    print("bench: speculative decoding, single stream", file=sys.stderr)
+    results["speculation"] = speculation(raw, ours.base, quiet, args)
     print("bench: tool-calling turns against plain turns (ours)", file=sys.stderr)
     results["tools"] = tool_turns(ours.base, quiet, args)
     return results
@@ -200,6 +230,15 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
     first, last, _ = results["turns"]
     rows.append(Row(f"first token, turn {args.turns} (ours) vs turn 1 (reference), s", fmt(last),
                     fmt(first), f"{last / first:.2f}x", "<= 1.3x", last / first <= 1.3))
+    spec = results["speculation"]
+    ratio = spec["copy"] / spec["raw"]
+    rows.append(Row("copy prompt, one stream, drafts: decode tok/s (vs raw llama.cpp)", fmt(spec["copy"]),
+                    fmt(spec["raw"]), f"{ratio:.2f}x", ">= 1.3x", ratio >= 1.3))
+    rows.append(Row("copy prompt, one stream: drafts vs no drafts, tok/s (same output: "
+                    f"{'yes' if spec['same'] else 'no'})", fmt(spec["copy"]), fmt(spec["copy_plain"]),
+                    f"{spec['copy'] / spec['copy_plain']:.2f}x", "", None))
+    rows.append(Row("free chat, one stream: drafts vs no drafts, tok/s", fmt(spec["chat"]), fmt(spec["chat_plain"]),
+                    f"{spec['chat'] / spec['chat_plain']:.2f}x", ">= 0.97x", spec["chat"] / spec["chat_plain"] >= 0.97))
     plain, offered = results["tools"]["plain"][0], results["tools"]["tools"][0]
     rows.append(Row("tools offered, text answer: decode tok/s (vs plain turn, same prompt)", fmt(offered),
                     fmt(plain), f"{offered / plain:.2f}x", ">= 0.95x", offered / plain >= 0.95))
@@ -216,7 +255,7 @@ def markdown(rows: list[Row]) -> str:
 def notes(results: dict, args: argparse.Namespace, model: str, quiet: Quiet) -> str:
     """What the reader needs to trust the table: answer lengths, model, threads, how busy the machine was."""
     def lengths(side: str) -> list[int]:  # keys are ("ours" | "peer", clients), or "single" / "turns" (ours)
-        return [n for key, value in results.items() if key != "tools"
+        return [n for key, value in results.items() if key not in ("tools", "speculation")
                 and (key[0] if isinstance(key, tuple) else "ours") == side for n in value[2]]
 
 

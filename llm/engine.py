@@ -41,6 +41,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     ignore_eos: bool = False  # keep generating past end-of-generation tokens, up to max_tokens
     logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely alternatives
+    speculative: bool = True  # prompt-lookup drafts (LLM_DRAFT_TOKENS); a personality may turn them off
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], base: SamplingParams | None = None) -> SamplingParams:

@@ -47,6 +47,8 @@ ENGINE_FIGURES = (
     ("suspends", "Evicted conversations whose state was saved for a later restore.", True),
     ("restores", "Conversations restored from saved state instead of recomputed.", True),
     ("steps", "Scheduler steps (one llama_decode each).", True),
+    ("drafted_tokens", "Speculative draft tokens checked (prompt lookup).", True),
+    ("accepted_draft_tokens", "Speculative draft tokens kept: each one a decode step saved.", True),
 )
 
 

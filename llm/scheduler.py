@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import llama_cpp
 import numpy as np
 
+from llm.drafts import PromptLookup
 from llm.engine import Handle, SamplingParams, Usage
 from llm.errors import GenerationFailed, Overloaded, ServiceError
 from llm.model import LoadedModel
@@ -59,6 +60,7 @@ class Job:
     stream: TextStream | None = None
     first_token_at: float | None = None
     submitted: float = field(default_factory=time.monotonic)
+    lookup: PromptLookup | None = None  # prompt-lookup drafts (speculative decoding), when enabled
 
 
 @dataclass
@@ -129,16 +131,18 @@ class Scheduler:
         self.parallel = settings.parallel
         self.queue_size = settings.queue_size
         self.batch_tokens = settings.batch_tokens
+        self.draft_tokens = settings.draft_tokens
         # One stream per parallel sequence, each able to hold a whole context window.
         self.cache_tokens = max(settings.cache_tokens, model.spec.context_window * self.parallel)
-        self.n_batch = self.batch_tokens + self.parallel  # a prompt chunk plus one token per generating stream
+        # A prompt chunk, plus one token and at most one draft per generating stream.
+        self.n_batch = self.batch_tokens + self.parallel * (1 + self.draft_tokens)
         self.ctx = self._new_context(settings)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.slots = [Slot(seq_id) for seq_id in range(self.parallel)]
         self.suspended = SuspendedStore(settings.suspend_mb * 1024 * 1024)
         self.counters = {"cache_hit_tokens": 0, "prompt_tokens": 0, "evictions": 0, "suspends": 0,
-                         "restores": 0, "steps": 0}
+                         "restores": 0, "steps": 0, "drafted_tokens": 0, "accepted_draft_tokens": 0}
         self._queue: deque[Job] = deque()
         self._forget: set[str] = set()
         self._cond = threading.Condition()
@@ -341,6 +345,8 @@ class Scheduler:
         job.pending = job.prompt[len(slot.tokens):]
         job.sampler = build_sampler(job.sampling, model.vocab, model.n_vocab, model.end_tokens)
         job.stream = TextStream(tuple(job.sampling.stop) + job.stops)
+        if self.draft_tokens and job.sampling.speculative:
+            job.lookup = PromptLookup(job.prompt, self.draft_tokens)
         slot.job, slot.conversation, slot.owner, slot.last_used = job, job.conversation, job.owner, time.monotonic()
         self.counters["cache_hit_tokens"] += job.cached
         self.counters["prompt_tokens"] += len(job.prompt)
@@ -352,9 +358,12 @@ class Scheduler:
             return
         batch, rows, budget = self.batch, [], self.batch_tokens
         batch.n_tokens = 0
-        for slot in active:  # every generating sequence advances by one token
-            if slot.job.next_token is not None:
-                rows.append((slot, self._add(slot, [slot.job.next_token], logits=True)))
+        for slot in active:  # every generating sequence advances by one token, and by its draft if it has one
+            job = slot.job
+            if job.next_token is not None:
+                draft = self._draft(slot)
+                last = self._add(slot, [job.next_token, *draft], logits=True, every=True)
+                rows.append((slot, last - len(draft), draft))
         for slot in active:  # then prompt chunks, within the step's token budget
             job = slot.job
             if job.next_token is None and job.pending and budget > 0:
@@ -362,17 +371,49 @@ class Scheduler:
                 budget -= len(chunk)
                 index = self._add(slot, chunk, logits=not job.pending)
                 if not job.pending:
-                    rows.append((slot, index))
+                    rows.append((slot, index, []))
         if batch.n_tokens == 0:
             return
         if not self._decode():
             return
         self.counters["steps"] += 1
-        for slot, index in rows:
-            self._sample(slot, index)
+        for slot, index, draft in rows:
+            if draft:
+                self._verify(slot, index, draft)
+            else:
+                self._sample(slot, index)
 
-    def _add(self, slot: Slot, tokens: list[int], logits: bool) -> int:
-        """Append tokens of one sequence to the batch; returns the batch index of the last one."""
+    def _draft(self, slot: Slot) -> list[int]:
+        """Draft tokens to check in this step, never past the answer's token limit or the context window."""
+        job = slot.job
+        if job.lookup is None:
+            return []
+        # Room such that no draft token can reach a limit the one-by-one answer would not have reached yet.
+        room = min(job.sampling.max_tokens - job.generated - 1, job.window - len(slot.tokens) - 3)
+        return job.lookup.draft(room)
+
+    def _verify(self, slot: Slot, index: int, draft: list[int]) -> None:
+        """Sample at the next token and at each draft token in turn (each with the logits of the token before
+        it, exactly as decoding them one by one would), keep the draft while the samples reproduce it, and drop
+        the rest of it from the cache."""
+        job = slot.job
+        start = len(slot.tokens) - len(draft)  # cache position of the first draft token
+        accepted = 0
+        for offset in range(len(draft) + 1):
+            token = self._sample(slot, index + offset)
+            if slot.job is not job or offset == len(draft) or token != draft[offset]:
+                break
+            accepted += 1
+        if start + accepted < len(slot.tokens):
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, start + accepted, -1)
+            slot.tokens = slot.tokens[:start + accepted]
+        job.lookup.feedback(len(draft), accepted)
+        self.counters["drafted_tokens"] += len(draft)
+        self.counters["accepted_draft_tokens"] += accepted
+
+    def _add(self, slot: Slot, tokens: list[int], logits: bool, every: bool = False) -> int:
+        """Append tokens of one sequence to the batch (logits for the last one, or for ``every`` one); returns
+        the batch index of the last one."""
         batch = self.batch
         start = len(slot.tokens)
         for offset, token in enumerate(tokens):
@@ -381,7 +422,7 @@ class Scheduler:
             batch.pos[i] = start + offset
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = slot.seq_id
-            batch.logits[i] = logits and offset == len(tokens) - 1
+            batch.logits[i] = logits and (every or offset == len(tokens) - 1)
             batch.n_tokens += 1
         slot.tokens.extend(tokens)
         return batch.n_tokens - 1
@@ -413,7 +454,9 @@ class Scheduler:
                     slot.job.pending = tokens + slot.job.pending
         batch.n_tokens = 0
 
-    def _sample(self, slot: Slot, index: int) -> None:
+    def _sample(self, slot: Slot, index: int) -> int | None:
+        """Sample the slot's next token from the logits at batch ``index``, deliver it, and finish the job when
+        it ends there; returns the token (None when the job failed)."""
         job, model = slot.job, self.model
         wants_logprobs = job.sampling.logprobs is not None
         if job.constraint is not None or wants_logprobs:
@@ -439,6 +482,8 @@ class Scheduler:
         job.generated += 1
         if wants_logprobs:
             job.handle.logprobs.append(token_logprob(logits, token, job.sampling.logprobs, model.piece))
+        if job.lookup is not None:
+            job.lookup.extend([token])
         job.handle.push(job.stream.feed(model.piece(token)))
         if job.stream.stopped or (job.constraint is not None and job.constraint.is_finished()):
             self._finish(slot, "stop")
@@ -446,6 +491,7 @@ class Scheduler:
             self._finish(slot, "length")
         else:
             job.next_token = token
+        return token
 
     def _finish(self, slot: Slot, reason: str, error: ServiceError | None = None) -> None:
         job = slot.job

@@ -145,6 +145,10 @@ SETTINGS: tuple[Setting, ...] = (
             "stay cached in it until space is needed."),
     Setting("LLM_BATCH_TOKENS", "batch_tokens", 256, _int(16),
             "Most prompt tokens prefilled per scheduler step, so long prompts do not stall running streams."),
+    Setting("LLM_DRAFT_TOKENS", "draft_tokens", 8, _int(0, 64),
+            "Speculative decoding without a draft model: up to this many tokens per step are proposed from the "
+            "answer's own context (prompt lookup) and verified in the same batch; output is unchanged. 0 turns it "
+            "off; a personality turns it off with `speculative = false` in its sampling table."),
     Setting("LLM_SUSPEND_MB", "suspend_mb", 512, _int(0),
             "Memory (MiB) for the saved cache state of evicted conversations, restored instead of recomputed."),
     Setting("LLM_MAX_LOADED_MODELS", "max_loaded_models", 2, _int(1),

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from llm.engine import GenerationRequest, SamplingParams
+from llm.engine import GenerationRequest, JsonConstraint, SamplingParams
 from llm.errors import Overloaded
 from llm.models import ModelSpec, embedded_model_path
 from llm.pool import ModelPool
 from llm.scheduler import SuspendedStore, common_prefix
+from llm.schema_support import validate_output
 from llm.settings import load_settings
 
 
@@ -187,3 +188,52 @@ def test_summarize_policy_folds_dropped_turns(make_app, fake_engine, tmp_path):
     summaries = [r for r in fake_engine.requests if r.messages and r.messages[-1]["content"].startswith("Summarise")]
     assert summaries, "the dropped turns were never summarised"
     assert "Summary of the earlier conversation" in fake_engine.requests[-1].messages[0]["content"]
+
+
+PASSAGE = ("The harbour lighthouse was built in 1871 from granite quarried on the island. Its lamp burned whale oil "
+           "until 1904, then kerosene, and since 1952 an electric lamp whose beam reaches twenty-two nautical miles.")
+
+
+@pytest.mark.integration
+def test_speculative_drafts_are_verified_and_change_nothing_but_speed(embedded):
+    """Prompt-lookup drafts on an answer that copies its prompt: drafts are proposed and mostly kept, and the
+    answer is the one decoding token by token gives (the prompt was chosen with no near-tie, see the README on
+    floating-point differences between batch sizes); token limits and stop strings hold as without drafts."""
+    pool = make_pool()
+    try:
+        messages = [{"role": "user", "content": f"Repeat this passage exactly, word for word:\n\n{PASSAGE}"}]
+
+        def answer(**params):
+            handle = pool.submit(GenerationRequest(embedded, messages, SamplingParams(**{"temperature": 0, **params})))
+            return handle.text(), handle
+
+        plain, _ = answer(max_tokens=60, speculative=False)
+        drafted, handle = answer(max_tokens=60)
+        counters = pool.stats()["models"][embedded.name]
+        assert drafted == plain and counters["accepted_draft_tokens"] > 10
+        assert counters["accepted_draft_tokens"] <= counters["drafted_tokens"]
+        for limit in (1, 7, 13):  # a draft never runs past max_tokens
+            _, handle = answer(max_tokens=limit)
+            assert handle.usage.completion_tokens == limit and handle.finish_reason == "length"
+        cut, handle = answer(max_tokens=60, stop=["granite"])
+        assert cut == plain[:plain.index("granite")] and handle.finish_reason == "stop"
+        seeded = [answer(max_tokens=30, temperature=0.8, seed=7)[0] for _ in range(2)]
+        assert seeded[0] == seeded[1]  # sampling stays reproducible with a seed
+    finally:
+        pool.close()
+
+
+@pytest.mark.integration
+def test_speculative_drafts_respect_a_json_grammar(embedded):
+    pool = make_pool()
+    try:
+        schema = {"type": "object", "properties": {"quote": {"type": "string"}}, "required": ["quote"]}
+        messages = [{"role": "user", "content": f"Quote the first sentence as JSON {{\"quote\": ...}}:\n\n{PASSAGE}"}]
+        handle = pool.submit(GenerationRequest(embedded, messages, SamplingParams(temperature=0, max_tokens=80),
+                                               constraint=JsonConstraint(schema)))
+        text = handle.text()
+        if handle.finish_reason == "stop":
+            validate_output(schema, text)
+        assert pool.stats()["models"][embedded.name]["drafted_tokens"] > 0
+    finally:
+        pool.close()

@@ -1,0 +1,63 @@
+"""Prompt-lookup drafts for speculative decoding, without a draft model.
+
+Answers that copy their input (a RAG answer quoting its context, an extraction, a summary, a code edit, a
+``/toil`` value) repeat runs of tokens that already occur in the prompt or earlier in the answer. When the last
+few tokens of a sequence occurred before, the tokens that followed them then are proposed as a draft; the
+scheduler decodes the draft in the same batch as everything else and keeps the longest prefix that the model's
+own sampling reproduces, so the output is exactly what the model would have written token by token.
+"""
+
+from __future__ import annotations
+
+MIN_NGRAM, MAX_NGRAM = 2, 4
+PAUSE = 16  # steps without drafting after a draft is not kept in full
+
+
+class PromptLookup:
+    """The n-gram index of one sequence's tokens (prompt and answer so far) and its draft length.
+
+    The index maps each n-gram (n from 2 to 4) to the position of the token that followed its latest occurrence,
+    so a lookup costs a dict access whatever the context length. The draft length adapts (``feedback``), so free
+    chat, where drafts are often wrong, costs almost nothing and copying runs at full length."""
+
+    def __init__(self, tokens: list[int], limit: int):
+        self.tokens: list[int] = []
+        self.limit = limit
+        self.length = 2  # grows while drafts are kept
+        self._paused = 0
+        self._index: dict[tuple[int, ...], int] = {}
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        """Append tokens; an n-gram is indexed once the token after it is known."""
+        for token in tokens:
+            self.tokens.append(token)
+            follower = len(self.tokens) - 1
+            for n in range(MIN_NGRAM, MAX_NGRAM + 1):
+                if follower >= n:
+                    self._index[tuple(self.tokens[follower - n:follower])] = follower
+
+    def draft(self, most: int) -> list[int]:
+        """Tokens that followed the latest earlier occurrence of the longest matching suffix (at most ``most``)."""
+        size = min(self.length, most)
+        if self._paused:
+            self._paused -= 1
+            return []
+        if size <= 0:
+            return []
+        for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
+            if len(self.tokens) >= n:
+                follower = self._index.get(tuple(self.tokens[-n:]))
+                if follower is not None:
+                    return self.tokens[follower:follower + size]
+        return []
+
+    def feedback(self, proposed: int, accepted: int) -> None:
+        """Adapt the draft length to how much of the last draft the model kept: a whole draft kept doubles it;
+        any rejection halves it and pauses drafting for a while (on a CPU, checking a draft token costs most of
+        what decoding it alone would, so only runs the model reproduces in full pay)."""
+        if proposed and accepted == proposed:
+            self.length = min(self.limit, self.length * 2)
+        elif proposed:
+            self.length = max(1, self.length // 2)
+            self._paused = PAUSE
