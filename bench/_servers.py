@@ -126,19 +126,21 @@ def _terminate(process: subprocess.Popen) -> None:
             return
 
 
-def our_server(model: str, threads: int, personalities: Path) -> Server:
-    """``python app.py`` with the bench personality, the given model file and thread count."""
+def our_server(model: str, threads: int, personalities: Path, gpu_layers: int = 0) -> Server:
+    """``python app.py`` with the bench personality, the given model file, thread count and GPU layers."""
     port = free_port()
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "LLM_MODEL_FILE": model,
-           "LLM_CPU_THREADS": str(threads), "LLM_PERSONALITIES_DIR": str(personalities),
+           "LLM_CPU_THREADS": str(threads), "LLM_GPU_LAYERS": str(gpu_layers),
+           "LLM_PERSONALITIES_DIR": str(personalities),
            "DATABASE_URL": f"sqlite:///{personalities / 'bench.db'}"}
     return Server("ours", [sys.executable, "app.py"], env, port, "/health")
 
 
-def peer_server(model: str, threads: int, context: int) -> Server:
-    """llama-cpp-python's own server; ``--interrupt_requests False`` so new requests queue, not kill others."""
+def peer_server(model: str, threads: int, context: int, gpu_layers: int = 0) -> Server:
+    """llama-cpp-python's own server; ``--interrupt_requests False`` so new requests queue, not kill others; the
+    same GPU layers as ours (its default is none, which would pit ours on a GPU against it on the CPU)."""
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_threads", str(threads),
                "--n_threads_batch", str(threads), "--n_ctx", str(context), "--interrupt_requests", "False",
-               "--host", "127.0.0.1", "--port", str(port)]
+               "--n_gpu_layers", str(gpu_layers), "--host", "127.0.0.1", "--port", str(port)]
     return Server("llama_cpp.server", command, dict(os.environ), port, "/v1/models")

@@ -36,6 +36,7 @@ from _raw import RawLlama
 from _servers import Server, missing_peer_modules, our_server, peer_server, write_personality
 
 from app import ModelSpecs
+from llm.model import gpu_layers
 from llm.settings import load_settings, physical_cores
 from llm.tools import Tool, ToolUse
 
@@ -277,21 +278,23 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     settings = load_settings(None, {"LLM_CPU_THREADS": args.threads})
     spec = ModelSpecs(settings)()
+    layers = gpu_layers(settings.gpu_layers)  # every side gets the same (raw llama.cpp through settings)
     before = os.getloadavg()[0]
-    print(f"bench: {spec.path}, {args.threads} threads, load average {before:.2f}", file=sys.stderr)
+    print(f"bench: {spec.path}, {args.threads} threads, {layers} GPU layers (-1: all), load average {before:.2f}",
+          file=sys.stderr)
     raw = RawLlama(spec, settings)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-personalities-") as directory:
             write_personality(Path(directory), SYSTEM, args.tokens)
             # Both servers stay up (idle ones use no CPU) so their runs can be interleaved.
-            with our_server(spec.path, args.threads, Path(directory)) as ours, \
-                    peer_server(spec.path, args.threads, spec.context_window) as peer:
+            with our_server(spec.path, args.threads, Path(directory), layers) as ours, \
+                    peer_server(spec.path, args.threads, spec.context_window, layers) as peer:
                 quiet = Quiet([os.getpid(), ours.process.pid, peer.process.pid])
                 results = measure(ours, peer, raw, quiet, args)
     finally:
         raw.close()
     print(markdown(build_rows(results, args)))
-    print("\n" + notes(results, args, Path(spec.path).name, quiet))
+    print("\n" + notes(results, args, Path(spec.path).name, quiet) + f" GPU layers on every side: {layers}.")
     return 0
 
 

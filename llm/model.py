@@ -10,6 +10,7 @@ import ctypes
 import functools
 import logging
 import re
+import threading
 from collections.abc import Sequence
 
 import llama_cpp
@@ -35,6 +36,7 @@ class LlamaLog:
 
     def __init__(self):
         self._last = logging.INFO
+        self.loading = threading.local()  # the offload line llama.cpp printed while this thread loaded a model
         self._callback = llama_cpp.llama_log_callback(self._log)
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
 
@@ -49,6 +51,8 @@ class LlamaLog:
 
     def _log(self, level: int, text: bytes, _user_data) -> None:
         self._last = self._last if level == 5 else _LLAMA_LEVELS.get(level, logging.INFO)
+        if b"offloaded" in text:  # "load_tensors: offloaded 31/31 layers to GPU": what really happened
+            self.loading.offload = text.decode("utf-8", "replace").strip().partition(": ")[2]
         if LLAMA_LOG.isEnabledFor(self._last):
             message = text.decode("utf-8", "replace").strip()
             if message.strip("."):  # not the loader's progress dots
@@ -70,7 +74,10 @@ class LoadedModel:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = gpu_layers(settings.gpu_layers)
         self.gpu_layers = params.n_gpu_layers
+        loading = LlamaLog.install().loading
+        loading.offload = None
         self.ptr = llama_cpp.llama_model_load_from_file(spec.path.encode(), params)
+        self.offload = loading.offload  # llama.cpp's own account of the GPU offload, when it gave one
         if not self.ptr:
             raise ConfigError(f"Could not load model {spec.path} (not a GGUF file, or not enough memory)")
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
@@ -85,8 +92,27 @@ class LoadedModel:
         self._special_ids, self._specials = self._special_tokens()
         self.end_tokens = tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
         self._trusted_cache: dict[str, list[tuple[str, int | None]]] = {}
-        log.info("loaded %s (%s, chat format %s, %d GPU layers)", spec.name, self.architecture,
-                 self.chat_format.name, self.gpu_layers)
+        log.info("loaded %s (%s, chat format %s; %s)", spec.name, self.architecture, self.chat_format.name,
+                 self._placement())
+
+    def _placement(self) -> str:
+        """Where the layers went, in llama.cpp's words when it said (not only what was asked)."""
+        if not llama_cpp.llama_supports_gpu_offload():
+            return "CPU only: llama.cpp was built without GPU support"
+        if self.offload:
+            return f"{self.offload} (asked for {'all' if self.gpu_layers < 0 else self.gpu_layers})"
+        return f"asked for {self.gpu_layers} GPU layers; llama.cpp reported no offload"
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes per token (f16 keys and values in every layer), for sizing the cache."""
+        from llm.memory import kv_bytes_per_token
+
+        heads, kv_heads = llama_cpp.llama_model_n_head(self.ptr), llama_cpp.llama_model_n_head_kv(self.ptr)
+        head = llama_cpp.llama_model_n_embd(self.ptr) // max(heads, 1)
+        key = int(self.metadata.get(f"{self.architecture}.attention.key_length", head))
+        value = int(self.metadata.get(f"{self.architecture}.attention.value_length", head))
+        return kv_bytes_per_token(llama_cpp.llama_model_n_layer(self.ptr), kv_heads, key, value)
 
     @property
     def architecture(self) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 from llm.drafts import PromptLookup
 from llm.engine import Handle, SamplingParams, Usage
 from llm.errors import GenerationFailed, Overloaded, ServiceError
+from llm.memory import describe, free_memory, plan_cache
 from llm.model import LoadedModel
 from llm.sampling import TextStream, build_sampler, token_logprob
 from llm.settings import Settings
@@ -128,7 +129,7 @@ class Scheduler:
 
     def __init__(self, model: LoadedModel, settings: Settings):
         self.model = model
-        self.parallel = settings.parallel
+        self.parallel = self._fitting_sequences(model, settings)
         self.queue_size = settings.queue_size
         self.batch_tokens = settings.batch_tokens
         self.draft_tokens = settings.draft_tokens
@@ -150,6 +151,15 @@ class Scheduler:
         self.last_step = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{model.spec.name}", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _fitting_sequences(model: LoadedModel, settings: Settings) -> int:
+        """LLM_PARALLEL, lowered to what the free memory holds (read after the weights are loaded), logged."""
+        on_gpu = model.gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        free, where = free_memory(on_gpu)
+        plan = plan_cache(settings.parallel, model.spec.context_window, model.kv_bytes_per_token, free, where)
+        log.log(*describe(plan, settings.parallel))
+        return plan.parallel
 
     def _new_context(self, settings: Settings):
         params = llama_cpp.llama_context_default_params()
