@@ -126,13 +126,15 @@ def _terminate(process: subprocess.Popen) -> None:
             return
 
 
-def our_server(model: str, threads: int, personalities: Path, gpu_layers: int = 0) -> Server:
-    """``python app.py`` with the bench personality, the given model file, thread count and GPU layers."""
+def our_server(model: str, threads: int, personalities: Path, gpu_layers: int | None = None) -> Server:
+    """``python app.py`` with the bench personality, the given model file, thread count and GPU layers (None: the
+    service's own default)."""
     port = free_port()
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "LLM_MODEL_FILE": model,
-           "LLM_CPU_THREADS": str(threads), "LLM_GPU_LAYERS": str(gpu_layers),
-           "LLM_PERSONALITIES_DIR": str(personalities),
+           "LLM_CPU_THREADS": str(threads), "LLM_PERSONALITIES_DIR": str(personalities),
            "DATABASE_URL": f"sqlite:///{personalities / 'bench.db'}"}
+    if gpu_layers is not None:
+        env["LLM_GPU_LAYERS"] = str(gpu_layers)
     return Server("ours", [sys.executable, "app.py"], env, port, "/health")
 
 
