@@ -1,41 +1,40 @@
 """Prompt-lookup drafts for speculative decoding, without a draft model.
 
 Answers that copy their input (a RAG answer quoting its context, an extraction, a summary, a code edit, a
-``/toil`` value) repeat runs of tokens that already occur in the prompt or earlier in the answer. When the last
-few tokens of a sequence occurred before, the tokens that followed them then are proposed as a draft; the
+``/toil`` value) repeat runs of tokens that already occur in the prompt. When the last few tokens of an answer
+occur in its prompt, the tokens that followed them there are proposed as a draft; the
 scheduler decodes the draft in the same batch as everything else and keeps the longest prefix that the model's
 own sampling reproduces, so the output is exactly what the model would have written token by token.
 """
 
 from __future__ import annotations
 
-MIN_NGRAM, MAX_NGRAM = 2, 4
+MIN_NGRAM, MAX_NGRAM = 3, 5
 PAUSE = 16  # steps without drafting after a draft is not kept in full
 
 
 class PromptLookup:
-    """The n-gram index of one sequence's tokens (prompt and answer so far) and its draft length.
+    """The n-gram index of one sequence's prompt, the answer so far, and the draft length.
 
-    The index maps each n-gram (n from 2 to 4) to the position of the token that followed its latest occurrence,
+    The index maps each n-gram (n from 3 to 5) to the position of the token that followed its latest occurrence,
     so a lookup costs a dict access whatever the context length. The draft length adapts (``feedback``), so free
     chat, where drafts are often wrong, costs almost nothing and copying runs at full length."""
 
-    def __init__(self, tokens: list[int], limit: int):
-        self.tokens: list[int] = []
+    def __init__(self, prompt: list[int], limit: int):
+        self.tokens: list[int] = list(prompt)
         self.limit = limit
         self.length = 2  # grows while drafts are kept
         self._paused = 0
+        # Only the prompt is indexed: what an answer copies is its input. A model repeating its own phrases (small
+        # models ramble) would otherwise draft from itself all through free chat and lose more than it gains.
         self._index: dict[tuple[int, ...], int] = {}
-        self.extend(tokens)
+        for follower in range(MIN_NGRAM, len(prompt)):
+            for n in range(MIN_NGRAM, min(MAX_NGRAM, follower) + 1):
+                self._index[tuple(prompt[follower - n:follower])] = follower
 
     def extend(self, tokens: list[int]) -> None:
-        """Append tokens; an n-gram is indexed once the token after it is known."""
-        for token in tokens:
-            self.tokens.append(token)
-            follower = len(self.tokens) - 1
-            for n in range(MIN_NGRAM, MAX_NGRAM + 1):
-                if follower >= n:
-                    self._index[tuple(self.tokens[follower - n:follower])] = follower
+        """Append the answer's tokens (looked up as the suffix, never indexed as a source)."""
+        self.tokens.extend(tokens)
 
     def draft(self, most: int) -> list[int]:
         """Tokens that followed the latest earlier occurrence of the longest matching suffix (at most ``most``)."""
