@@ -9,15 +9,19 @@ it. Nothing here is committed: the sources come from the package registry at ben
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import llama_cpp
+import requests
+from _clients import Stream
 from _servers import Server, free_port
 
 CACHE = Path(os.environ.get("LLM_MODEL_CACHE_DIR", "~/.cache/llm-service")).expanduser()
@@ -71,3 +75,45 @@ def llama_server(model: str, threads: int, context: int, slots: int, gpu_layers:
                str(threads), "--ctx-size", str(context * slots), "--parallel", str(slots), "--n-gpu-layers",
                str(gpu_layers), "--host", "127.0.0.1", "--port", str(port), "--no-webui", "--cont-batching"]
     return Server("llama-server", command, dict(os.environ), port, "/health")
+
+
+def same_input(base: str, raw, text: str) -> str | None:
+    """None when llama-server reads ``text`` as the same tokens as the service's tokenizer and greedily starts the
+    same answer as llama.cpp in-process; otherwise what differs (the rows would not compare like with like)."""
+    theirs = requests.post(base + "/tokenize", json={"content": text, "add_special": True}, timeout=60).json()["tokens"]
+    mine = raw.model.tokenize(text)
+    if theirs != mine:
+        return f"llama-server reads {len(theirs)} tokens where the service reads {len(mine)}"
+    answer = requests.post(base + "/completion", json={"prompt": text, "n_predict": 16, "temperature": 0,
+                                                       "repeat_penalty": 1.0, "cache_prompt": False},
+                           timeout=300).json()["content"]
+    own = raw.text(raw.generate(text, 16).tokens)
+    if not own.startswith(answer) or not answer:
+        return f"greedy answers differ: llama-server {answer!r}, llama.cpp {own!r}"
+    return None
+
+
+def chat_turns(base: str, system: str, questions: list[str], max_tokens: int) -> list[Stream]:
+    """One conversation on llama-server's ``/v1/chat/completions`` (the client keeps the history, as its users
+    do; the server reuses the cached prefix): one streamed answer per question."""
+    messages, streams = [{"role": "system", "content": system}], []
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "top_p": 1, "repeat_penalty": 1.0,
+                "stream": True}
+        start, first, text, reason = time.perf_counter(), None, [], None
+        with requests.post(base + "/v1/chat/completions", json=body, stream=True, timeout=(10, 300)) as response:
+            response.raise_for_status()
+            for line in response.iter_lines(chunk_size=None):
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                piece = (choices[0].get("delta") or {}).get("content")
+                if piece:
+                    first = first or time.perf_counter()
+                    text.append(piece)
+                reason = choices[0].get("finish_reason") or reason
+        end = time.perf_counter()
+        messages.append({"role": "assistant", "content": "".join(text)})
+        streams.append(Stream(start, first or end, end, len(text), reason, text="".join(text)))
+    return streams

@@ -1,4 +1,5 @@
-"""Side-by-side benchmark: our service against raw llama.cpp and against llama-cpp-python's own server.
+"""Side-by-side benchmark: our service against raw llama.cpp, llama.cpp's own C++ ``llama-server`` (built from the
+llama.cpp that llama-cpp-python vendors, ``bench/_llama_server.py``) and llama-cpp-python's own server.
 
 Every figure comes from one run, on one model, with one thread count for all sides. Each figure is the best
 of several repetitions, and the two sides' repetitions are interleaved: other work on the machine can only
@@ -6,9 +7,11 @@ slow a run down, so the best run is the closest to what the code can do. Rows:
 
 1. single-stream decode speed through our websocket versus llama.cpp's own decode loop in-process (what our
    scheduler, HTTP server and framing cost a lone user);
-2. 1, 4 and 8 concurrent streaming clients, ours versus ``python -m llama_cpp.server`` (what continuous
-   batching buys when several people use the service at once);
-3. time to first token at turn 10 of a conversation versus turn 1 (whether the conversation cache works);
+2. 1, 4, 8 and 16 concurrent streaming clients, ours versus ``llama-server`` and ``python -m llama_cpp.server``
+   (aggregate tokens/s, worst and median first token), after checking that llama-server reads the same tokens
+   and greedily writes the same answer as llama.cpp in-process;
+3. time to first token at turn 10 of a conversation versus turn 1 (whether the conversation cache works), ours
+   and llama-server's, and the time to first token of a ~1,500-token prompt (prefill);
 4. speculative decoding (prompt-lookup drafts) on one stream: a prompt whose answer copies it, ours with drafts
    versus raw llama.cpp and versus ours without drafts (outputs compared), and free chat with and without;
 5. a tool-calling turn versus a plain turn on ``/v1/chat/completions``: decode speed with tools offered (the
@@ -20,10 +23,12 @@ slow a run down, so the best run is the closest to what the code can do. Rows:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import os
 import signal
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from _clients import SocketClient, Stream, aggregate, ask_chat, ask_ours, ask_peer, run_together
+from _llama_server import chat_turns, llama_server, same_input
 from _quiet import Quiet
 from _raw import RawLlama
 from _servers import Server, missing_peer_modules, our_server, peer_server, write_personality
@@ -79,7 +85,8 @@ def prompts(count: int, serial: itertools.count) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=physical_cores(), help="CPU threads for every side")
-    parser.add_argument("--clients", default="1,4,8", help="concurrent client counts, comma-separated")
+    parser.add_argument("--clients", default="1,4,8,16", help="concurrent client counts, comma-separated")
+    parser.add_argument("--no-llama-server", action="store_true", help="skip llama-server (it is built once)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per answer")
     parser.add_argument("--turns", type=int, default=10, help="conversation turn compared with turn 1")
     parser.add_argument("--quick", action="store_true", help="one repetition of everything (smoke test)")
@@ -107,11 +114,12 @@ def single_stream(raw: RawLlama, base: str, quiet: Quiet, args: argparse.Namespa
             [stream.tokens for _, stream in pairs])
 
 
-def summarize(runs: list[list[Stream]]) -> tuple[float, float, list[int]]:
-    """Best aggregate tok/s and best worst-first-token time over repetitions, and every answer's length."""
+def summarize(runs: list[list[Stream]]) -> tuple[float, float, list[int], float]:
+    """Best aggregate tok/s, best worst-first-token time, every answer's length, best median first token."""
     figures = [aggregate(streams) for streams in runs]
     return (max(rate for rate, _, _ in figures), min(worst for _, worst, _ in figures),
-            [stream.tokens for streams in runs for stream in streams])
+            [stream.tokens for streams in runs for stream in streams],
+            min(statistics.median(stream.ttft for stream in streams) for streams in runs))
 
 
 def concurrency(sides: dict[str, Callable[[str], Stream]], quiet: Quiet, args: argparse.Namespace) -> dict:
@@ -144,6 +152,32 @@ def conversation_ttft(base: str, quiet: Quiet, args: argparse.Namespace) -> tupl
     runs = [quiet.run(lambda: conversation(base, prompts(args.turns, serial))) for _ in range(args.reps)]
     return (min(streams[0].ttft for streams in runs), min(streams[-1].ttft for streams in runs),
             [stream.tokens for streams in runs for stream in streams])
+
+
+def server_turns(base: str, quiet: Quiet, args: argparse.Namespace) -> tuple[float, float]:
+    """llama-server's first-token time at turn 1 and at turn ``--turns`` (best of each), the same questions."""
+    serial = itertools.count(2000)
+    runs = [quiet.run(lambda: chat_turns(base, SYSTEM, prompts(args.turns, serial), args.tokens))
+            for _ in range(args.reps)]
+    return min(streams[0].ttft for streams in runs), min(streams[-1].ttft for streams in runs)
+
+
+def long_prompts(raw: RawLlama, ours: str, server: str, quiet: Quiet, args: argparse.Namespace) -> tuple:
+    """Best first-token time of a new ~1,500-token prompt, ours against llama-server (each prompt numbered at its
+    start, so only the shared system prompt is cached), and its length in tokens."""
+    def prompt(n: int) -> str:
+        return f"Document {n}.\n\n" + "\n\n".join(f"{i}. {PASSAGE}" for i in range(15)) + "\n\nSummarise it."
+
+    serial = itertools.count(5000)
+
+    def pair() -> tuple[Stream, Stream]:  # a repeated (disturbed) run takes a new number: still uncached
+        n = next(serial)
+        return ask_ours(ours, prompt(n)), ask_peer(server, raw.render(SYSTEM, prompt(n)), args.tokens)
+
+    ask_ours(ours, prompt(next(serial)))  # warm-up
+    pairs = [quiet.run(pair) for _ in range(args.reps)]
+    length = len(raw.model.tokenize(raw.render(SYSTEM, prompt(0))))
+    return min(a.ttft for a, _ in pairs), min(b.ttft for _, b in pairs), length
 
 
 def speculation(raw: RawLlama, base: str, quiet: Quiet, args: argparse.Namespace) -> dict:
@@ -191,16 +225,26 @@ def tool_turns(base: str, quiet: Quiet, args: argparse.Namespace) -> dict[str, t
             for kind, streams in runs.items()}
 
 
-def measure(ours: Server, peer: Server, raw: RawLlama, quiet: Quiet, args: argparse.Namespace) -> dict:
-    """Every row; the peer is asked the prompt text our chat format renders, so both read the same tokens."""
+def measure(ours: Server, peer: Server, server: Server | None, raw: RawLlama, quiet: Quiet,
+            args: argparse.Namespace) -> dict:
+    """Every row; the peers are asked the prompt text our chat format renders, so all read the same tokens."""
     sides = {"ours": lambda question: ask_ours(ours.base, question),
              "peer": lambda question: ask_peer(peer.base, raw.render(SYSTEM, question), args.tokens)}
-    print(f"bench: {', '.join(map(str, args.clients))} concurrent clients, both sides", file=sys.stderr)
+    checked = None
+    if server is not None:
+        checked = same_input(server.base, raw, raw.render(SYSTEM, prompts(1, itertools.count(1))[0]))
+        sides["server"] = lambda question: ask_peer(server.base, raw.render(SYSTEM, question), args.tokens)
+    print(f"bench: {', '.join(map(str, args.clients))} concurrent clients, {', '.join(sides)}", file=sys.stderr)
     results = concurrency(sides, quiet, args)
+    results["server_check"] = checked
     print("bench: single stream, ours and raw llama.cpp", file=sys.stderr)
     results["single"] = single_stream(raw, ours.base, quiet, args)
     print(f"bench: conversations of {args.turns} turns", file=sys.stderr)
     results["turns"] = conversation_ttft(ours.base, quiet, args)
+    if server is not None:
+        print("bench: llama-server's conversations, and long prompts on both", file=sys.stderr)
+        results["server_turns"] = server_turns(server.base, quiet, args)
+        results["long"] = long_prompts(raw, ours.base, server.base, quiet, args)
     print("bench: speculative decoding, single stream", file=sys.stderr)
     results["speculation"] = speculation(raw, ours.base, quiet, args)
     print("bench: tool-calling turns against plain turns (ours)", file=sys.stderr)
@@ -219,7 +263,7 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
     rows = [Row("single-stream decode, tok/s (vs raw llama.cpp)", fmt(our_rate), fmt(raw_rate),
                 f"{ratio:.2f}x", ">= 0.95x", ratio >= 0.95)]
     for clients in args.clients:
-        (rate, worst, _), (peer_rate, peer_worst, _) = results["ours", clients], results["peer", clients]
+        (rate, worst, *_), (peer_rate, peer_worst, *_) = results["ours", clients], results["peer", clients]
         final = clients == 8  # the targets are set for eight simultaneous users
         who = f"{clients} client{'s' if clients > 1 else ''}"
         rows.append(Row(f"{who}: aggregate tok/s (vs llama_cpp.server)", fmt(rate), fmt(peer_rate),
@@ -231,6 +275,8 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
     first, last, _ = results["turns"]
     rows.append(Row(f"first token, turn {args.turns} (ours) vs turn 1 (reference), s", fmt(last),
                     fmt(first), f"{last / first:.2f}x", "<= 1.3x", last / first <= 1.3))
+    if "server_turns" in results:
+        rows += server_rows(results, args)
     spec = results["speculation"]
     ratio = spec["copy"] / spec["raw"]
     rows.append(Row("copy prompt, one stream, drafts: decode tok/s (vs raw llama.cpp)", fmt(spec["copy"]),
@@ -246,6 +292,26 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def server_rows(results: dict, args: argparse.Namespace) -> list[Row]:
+    """Ours against llama-server: at least 1.0x on every row is the aim (first tokens: ours / theirs <= 1.0)."""
+    rows = []
+    for clients in args.clients:
+        (rate, _, _, median), (their_rate, _, _, their_median) = results["ours", clients], results["server", clients]
+        who = f"{clients} client{'s' if clients > 1 else ''}"
+        rows.append(Row(f"{who}: aggregate tok/s (vs llama-server)", fmt(rate), fmt(their_rate),
+                        f"{rate / their_rate:.2f}x", ">= 1.0x", rate / their_rate >= 1.0))
+        rows.append(Row(f"{who}: median first token, s (vs llama-server)", fmt(median), fmt(their_median),
+                        f"{median / their_median:.2f}x", "<= 1.0x", median / their_median <= 1.0))
+    (first, last, _), (their_first, their_last) = results["turns"], results["server_turns"]
+    ours, theirs = last / first, their_last / their_first
+    rows.append(Row(f"first token turn {args.turns} / turn 1 (vs llama-server's)", f"{ours:.2f}", f"{theirs:.2f}",
+                    f"{ours / theirs:.2f}x", "<= 1.0x", ours / theirs <= 1.0))
+    mine, its, length = results["long"]
+    rows.append(Row(f"first token of a new {length}-token prompt, s (vs llama-server)", fmt(mine), fmt(its),
+                    f"{mine / its:.2f}x", "<= 1.0x", mine / its <= 1.0))
+    return rows
+
+
 def markdown(rows: list[Row]) -> str:
     lines = ["| measurement | ours | reference | ratio | target | met? |", "|---|---|---|---|---|---|"]
     lines += [f"| {r.measurement} | {r.ours} | {r.reference} | {r.ratio} | {r.target or '—'} | {verdict(r.met)} |"
@@ -256,13 +322,19 @@ def markdown(rows: list[Row]) -> str:
 def notes(results: dict, args: argparse.Namespace, model: str, quiet: Quiet) -> str:
     """What the reader needs to trust the table: answer lengths, model, threads, how busy the machine was."""
     def lengths(side: str) -> list[int]:  # keys are ("ours" | "peer", clients), or "single" / "turns" (ours)
-        return [n for key, value in results.items() if key not in ("tools", "speculation")
-                and (key[0] if isinstance(key, tuple) else "ours") == side for n in value[2]]
+        return [n for key, value in results.items() if isinstance(key, tuple) or key in ("single", "turns")
+                if (key[0] if isinstance(key, tuple) else "ours") == side for n in value[2]]
 
 
-    ours_counts, peer_counts = lengths("ours"), lengths("peer")
+    ours_counts, peer_counts, server_counts = lengths("ours"), lengths("peer"), lengths("server")
+    server = (f", llama-server {min(server_counts)}-{max(server_counts)}" if server_counts else
+              " (llama-server not measured)")
+    check = results.get("server_check")
+    same = "" if not server_counts else (f" llama-server input check: {check}." if check else
+                                         " llama-server reads the same tokens and writes the same greedy answer.")
     return (f"tokens per answer (asked {args.tokens}): ours {min(ours_counts)}-{max(ours_counts)}, "
-            f"llama_cpp.server {min(peer_counts)}-{max(peer_counts)}. Model {model}, {args.threads} threads, "
+            f"llama_cpp.server {min(peer_counts)}-{max(peer_counts)}{server}.{same} "
+            f"Model {model}, {args.threads} threads, "
             f"best of {args.reps} repetition(s). Other processes kept up to {quiet.worst_kept:.2f} of "
             f"{os.cpu_count()} CPUs busy during the runs kept ({quiet.repeated} disturbed runs repeated).")
 
@@ -287,10 +359,13 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-personalities-") as directory:
             write_personality(Path(directory), SYSTEM, args.tokens)
             # Both servers stay up (idle ones use no CPU) so their runs can be interleaved.
-            with our_server(spec.path, args.threads, Path(directory), layers) as ours, \
-                    peer_server(spec.path, args.threads, spec.context_window, layers) as peer:
-                quiet = Quiet([os.getpid(), ours.process.pid, peer.process.pid])
-                results = measure(ours, peer, raw, quiet, args)
+            with contextlib.ExitStack() as servers:
+                ours = servers.enter_context(our_server(spec.path, args.threads, Path(directory), layers))
+                peer = servers.enter_context(peer_server(spec.path, args.threads, spec.context_window, layers))
+                server = None if args.no_llama_server else servers.enter_context(
+                    llama_server(spec.path, args.threads, spec.context_window, settings.parallel, layers))
+                quiet = Quiet([os.getpid(), *(s.process.pid for s in (ours, peer, server) if s is not None)])
+                results = measure(ours, peer, server, raw, quiet, args)
     finally:
         raw.close()
     print(markdown(build_rows(results, args)))

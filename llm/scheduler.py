@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # Below this many cached tokens, recomputing a conversation is cheaper than keeping its saved state.
 SUSPEND_MIN_TOKENS = 128
+SOLO_PREFILL_TOKENS = 512  # prefill chunk when no stream is waiting for its next token
 
 
 @dataclass
@@ -135,8 +136,12 @@ class Scheduler:
         self.draft_tokens = settings.draft_tokens
         # One stream per parallel sequence, each able to hold a whole context window.
         self.cache_tokens = max(settings.cache_tokens, model.spec.context_window * self.parallel)
+        # Prompts are prefilled in chunks of LLM_BATCH_TOKENS while other streams are generating (so they keep
+        # flowing), in larger chunks when none is: on a CPU a 512-token chunk prefills 13% faster than 256 (measured
+        # on the embedded model; 1024 was slower again).
+        self.solo_tokens = max(self.batch_tokens, SOLO_PREFILL_TOKENS)
         # A prompt chunk, plus one token and at most one draft per generating stream.
-        self.n_batch = self.batch_tokens + self.parallel * (1 + self.draft_tokens)
+        self.n_batch = self.solo_tokens + self.parallel * (1 + self.draft_tokens)
         self.ctx = self._new_context(settings)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
@@ -366,7 +371,8 @@ class Scheduler:
         active = self._active()
         if not active:
             return
-        batch, rows, budget = self.batch, [], self.batch_tokens
+        generating = any(slot.job.next_token is not None for slot in active)
+        batch, rows, budget = self.batch, [], self.batch_tokens if generating else self.solo_tokens
         batch.n_tokens = 0
         for slot in active:  # every generating sequence advances by one token, and by its draft if it has one
             job = slot.job

@@ -144,7 +144,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Size of the shared KV cache in tokens. Default: context window x parallel. Idle conversations "
             "stay cached in it until space is needed."),
     Setting("LLM_BATCH_TOKENS", "batch_tokens", 256, _int(16),
-            "Most prompt tokens prefilled per scheduler step, so long prompts do not stall running streams."),
+            "Most prompt tokens prefilled per scheduler step while other streams are generating, so long prompts do "
+            "not stall them (at least 512 when none is: larger chunks prefill faster)."),
     Setting("LLM_DRAFT_TOKENS", "draft_tokens", 8, _int(0, 64),
             "Speculative decoding without a draft model: up to this many tokens per step are proposed from the "
             "answer's own context (prompt lookup) and verified in the same batch; output is unchanged. 0 turns it "
