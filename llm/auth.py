@@ -7,12 +7,21 @@ posts the key once to ``POST /auth/session`` and gets it back as an HttpOnly, Sa
 later request and websocket handshake carries (``DELETE /auth/session`` forgets it). Keys are compared in constant
 time, and each failed attempt counts against the address's ``LLM_AUTH_FAILURE_LIMIT``. ``X-Forwarded-User`` is
 believed only from an address listed in ``LLM_TRUSTED_PROXIES``; anyone else could simply send it.
+
+Without keys, each browser gets its own anonymous identity: loading a page sets ``llm_anon``, an HttpOnly,
+SameSite=Strict cookie holding a random id signed with the service's secret (``LLM_SECRET_KEY``, else a random
+one kept in ``LLM_DATA_DIR``), so one visitor's conversations never show in another's sidebar. Clients without
+the cookie (curl, SDKs) share the user ``anonymous``. Rate budgets and socket caps still count anonymous callers
+per address, so minting new identities buys nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import secrets
+from pathlib import Path
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 
@@ -22,7 +31,10 @@ OPEN_PATHS = ("/health", "/static/", "/auth/session")
 PAGES = ("/", "/stats", "/favicon.ico")  # pages hold no data; they ask for a key and send it with every request
 PAGE_PREFIXES = ("/chat/",)
 ANONYMOUS = "anonymous"
+ANON_PREFIX = "anon-"  # users named by the anonymous cookie
 COOKIE = "llm_api_key"
+ANON_COOKIE = "llm_anon"
+ANON_COOKIE_SECONDS = 365 * 24 * 3600
 
 blueprint = Blueprint("auth", __name__)
 
@@ -76,12 +88,56 @@ def authenticate(key: str) -> str:
     return user
 
 
+def is_anonymous(user: str) -> bool:
+    """The shared anonymous user, or a browser's own anonymous identity (budgets count both per address)."""
+    return user == ANONYMOUS or user.startswith(ANON_PREFIX)
+
+
+def load_secret(settings) -> bytes:
+    """LLM_SECRET_KEY, else a random secret created once in LLM_DATA_DIR (readable by the service only), so
+    anonymous cookies survive restarts; replicas sharing a database must share LLM_SECRET_KEY too."""
+    if settings.secret_key:
+        return settings.secret_key.encode()
+    path = Path(settings.data_dir).expanduser() / "secret_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+def anonymous_cookie(ident: str) -> str:
+    """The signed cookie value that names the anonymous identity ``ident`` (32 hex digits)."""
+    signature = hmac.new(current_app.extensions["llm_secret"], ident.encode(), hashlib.sha256).hexdigest()[:32]
+    return f"{ident}.{signature}"
+
+
+def anonymous_user() -> str | None:
+    """The user the request's signed anonymous cookie names, if it carries a valid one."""
+    presented = request.cookies.get(ANON_COOKIE, "")
+    ident = presented.partition(".")[0]
+    if len(ident) == 32 and hmac.compare_digest(presented, anonymous_cookie(ident)):
+        return ANON_PREFIX + ident
+    return None
+
+
+def give_anonymous_identity(response):
+    """On a page load without keys: a browser without a valid anonymous cookie gets one."""
+    if not current_app.extensions["llm"].settings.api_keys and anonymous_user() is None:
+        response.set_cookie(ANON_COOKIE, anonymous_cookie(secrets.token_hex(16)), max_age=ANON_COOKIE_SECONDS,
+                            httponly=True, samesite="Strict", secure=request.is_secure, path="/")
+    return response
+
+
 def identify() -> None:
     """before_request: set ``g.user`` or refuse the request."""
     settings = current_app.extensions["llm"].settings
     g.user = ANONYMOUS
     if settings.api_keys and not _open(request.path):
         g.user = authenticate(presented_key())
+    elif not settings.api_keys:
+        g.user = anonymous_user() or ANONYMOUS
     forwarded = request.headers.get("X-Forwarded-User", "").strip()
     if forwarded and request.remote_addr in settings.trusted_proxies:
         g.user = forwarded[:128]
@@ -116,5 +172,6 @@ def install(app: Flask, settings) -> None:
     from llm.limits import Budget
 
     app.extensions["llm_auth_failures"] = Budget(settings.auth_failure_limit, "LLM_AUTH_FAILURE_LIMIT")
+    app.extensions["llm_secret"] = load_secret(settings)
     app.before_request(identify)
     app.register_blueprint(blueprint)

@@ -19,6 +19,7 @@ from limits import parse_many
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
+from llm.auth import is_anonymous
 from llm.errors import ConfigError, TooManyRequests
 
 EXEMPT_PREFIXES = ("/health", "/static/", "/metrics")
@@ -54,7 +55,9 @@ class Budget:
 
 
 def identity(user: str, address: str) -> str:
-    return f"user:{user}" if user and user != "anonymous" else f"addr:{address}"
+    """Whose budget: the user's, or the address's for anonymous callers (a browser's anonymous identity too:
+    anyone can mint those by loading a page)."""
+    return f"user:{user}" if user and not is_anonymous(user) else f"addr:{address}"
 
 
 def charge_request() -> None:

@@ -183,6 +183,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Domains (and their subdomains) that are never fetched."),
     Setting("LLM_UNSAFE_FETCH_ALLOW_LOOPBACK_FOR_TESTS", "unsafe_fetch_allow_loopback", False, _bool,
             "Tests only: lets the fetcher reach 127.0.0.0/8 and ::1. Never set this in production."),
+    Setting("LLM_SECRET_KEY", "secret_key", None, _text,
+            "Secret that signs each browser's anonymous identity cookie when there are no API keys. Default: a "
+            "random one created once in LLM_DATA_DIR. Replicas sharing a database must share it."),
     Setting("LLM_API_KEYS", "api_keys", (), _csv,
             "Optional API keys (comma-separated, `key` or `user:key`). When set, every endpoint but /health, the "
             "pages and their static files needs one (`Authorization: Bearer`, `X-API-Key`, or the HttpOnly cookie "

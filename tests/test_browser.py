@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 
 import pytest
 
+from llm.auth import ANON_COOKIE, ANON_PREFIX, anonymous_cookie
 from llm.conversations import Turn
 from llm.errors import Overloaded
 from tests.conftest import LiveServer
@@ -53,8 +55,15 @@ def browser():
 
 
 def browser_context(browser, server):
-    """A fresh browser context (own storage) pointed at a live server; page errors fail the test."""
+    """A fresh browser context (own storage) pointed at a live server; page errors fail the test. It starts with
+    an anonymous identity of its own (as its first page load would give it), known to the test as ``user``."""
     context = browser.new_context(viewport=DESKTOP, base_url=server.url)
+    ident = secrets.token_hex(16)
+    with server.app.app_context():
+        context.anonymous_cookie = anonymous_cookie(ident)
+    context.add_cookies([{"name": ANON_COOKIE, "value": context.anonymous_cookie, "url": server.url,
+                          "httpOnly": True, "sameSite": "Strict"}])
+    context.user = ANON_PREFIX + ident
     context.page_errors = []
     context.on("weberror", lambda error: context.page_errors.append(str(error.error)))
     yield context
@@ -81,9 +90,16 @@ def keyed_context(browser, keyed_server):
 
 
 @pytest.fixture
-def cache_key(live_fake):
-    """The engine's cache key (the internal id) of one of the anonymous user's conversations."""
-    return lambda cid: live_fake.app.extensions["llm"].store.get(cid).key
+def cache_key(live_fake, context):
+    """The engine's cache key (the internal id) of one of the browser's conversations."""
+    return lambda cid: live_fake.app.extensions["llm"].store.get(cid, context.user).key
+
+
+@pytest.fixture
+def client(client, context):
+    """The Flask test client as the browser: the same anonymous identity."""
+    client.set_cookie(ANON_COOKIE, context.anonymous_cookie, domain="localhost")
+    return client
 
 
 @pytest.fixture
@@ -149,11 +165,11 @@ def new_conversation(page):
     wait_connected(page)
 
 
-def seed(server, conversations):
-    """Store finished conversations directly: (id, personality, question, seconds ago)."""
+def seed(server, user, conversations):
+    """Store finished conversations of ``user`` directly: (id, personality, question, seconds ago)."""
     store = server.app.extensions["llm"].store
     for ident, personality, question, age in conversations:
-        conversation = store.open(ident, personality)
+        conversation = store.open(ident, personality, user)
         store.append(conversation, [Turn("user", question), Turn("assistant", f"An answer to: {question}")])
         with store.db.transaction() as cursor:
             cursor.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time() - age, conversation.key))
@@ -524,7 +540,7 @@ def test_rename_and_delete_conversations(page, client):
 
 
 def test_history_pages_with_load_more(live_fake, context):
-    seed(live_fake, [(f"seed{i:02d}", "greedy", f"Seeded question {i}", 1000 - i) for i in range(22)])
+    seed(live_fake, context.user, [(f"seed{i:02d}", "greedy", f"Seeded question {i}", 1000 - i) for i in range(22)])
     context.add_init_script(  # about:blank runs it too, without storage
         "try { localStorage.setItem('llm.chat.conversation.greedy', 'seed21'); } catch {}")
     page = open_chat(context)
@@ -638,10 +654,11 @@ def test_page_without_a_key_in_its_url_asks_for_one(keyed_context):
 
 
 def test_layout_desktop_and_phone(live_fake, context, fake_engine):
-    seed(live_fake, [("lisbon", "greedy", "Plan a relaxed weekend in Lisbon with a small budget", 2 * 3600),
-                     ("wal", "greedy", "Explain SQLite WAL mode", 26 * 3600),
-                     ("poem", "other", "A birthday poem for Sam", 4 * 86400),
-                     ("report", "greedy", "Summarise the Q3 report", 30 * 86400)])
+    seed(live_fake, context.user, [
+        ("lisbon", "greedy", "Plan a relaxed weekend in Lisbon with a small budget", 2 * 3600),
+        ("wal", "greedy", "Explain SQLite WAL mode", 26 * 3600),
+        ("poem", "other", "A birthday poem for Sam", 4 * 86400),
+        ("report", "greedy", "Summarise the Q3 report", 30 * 86400)])
     page = open_chat(context)
     fake_engine.script(["Hello! I can help with Python, writing and more."])
     ask(page, "Hello there")
@@ -697,3 +714,25 @@ def test_layout_desktop_and_phone(live_fake, context, fake_engine):
 def assert_no_horizontal_scroll(page, size):
     overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0, f"horizontal scroll of {overflow}px at {size['width']}px wide"
+
+
+def test_each_browser_sees_only_its_own_history(browser, live_fake, page, fake_engine):
+    """Without API keys, strangers on one service never see each other's conversations in the sidebar."""
+    ask(page, "My private question")
+    finished_answer(page)
+    expect(listed(page, "My private question")).to_have_count(1)
+    stranger = browser.new_context(viewport=DESKTOP, base_url=live_fake.url)  # no cookie: the page gives one
+    try:
+        other = open_chat(stranger)
+        expect(history_items(other)).to_have_count(0)
+        ask(other, "The stranger's question")
+        finished_answer(other)
+        expect(listed(other, "The stranger's question")).to_have_count(1)
+        expect(listed(other, "My private question")).to_have_count(0)
+        assert any(c["name"] == ANON_COOKIE and c["httpOnly"] for c in stranger.cookies())
+    finally:
+        stranger.close()
+    page.reload()
+    wait_connected(page)
+    expect(listed(page, "My private question")).to_have_count(1)
+    expect(listed(page, "The stranger's question")).to_have_count(0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, render_template_string, send_from_directory
 
+from llm.auth import give_anonymous_identity
+
 blueprint = Blueprint("pages", __name__)
 
 
@@ -13,14 +15,14 @@ def services():
 
 @blueprint.get("/")
 def index():
-    return send_from_directory(current_app.static_folder, "index.html")
+    return give_anonymous_identity(send_from_directory(current_app.static_folder, "index.html"))
 
 
 @blueprint.get("/chat/<personality>")
 def chat_with(personality: str):
     """The chat page opened on one personality (the reference design's address for it)."""
     services().personalities.get(personality)  # 404 for an unknown one
-    return send_from_directory(current_app.static_folder, "index.html")
+    return give_anonymous_identity(send_from_directory(current_app.static_folder, "index.html"))
 
 
 DIRECTORY = """<!doctype html>
