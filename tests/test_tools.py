@@ -247,3 +247,10 @@ def test_langchain_agent_calls_a_tool_and_answers_with_its_result(live_real):
     # The model read the call and its result: the prompt is longer than the question alone by more than the call.
     alone = answering.invoke(messages[:1]).usage_metadata["input_tokens"]
     assert final.usage_metadata["input_tokens"] - alone > first.usage_metadata["output_tokens"] + 5
+
+
+@pytest.mark.parametrize("messages", [[None], [None, {"role": "tool", "content": "x"}], [{"role": "tool"}],
+                                      [{"role": "assistant", "tool_calls": "x"}]])
+def test_malformed_histories_with_tools_are_400s(oai, messages):
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model="greedy", messages=messages, tools=TOOLS)

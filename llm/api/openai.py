@@ -198,14 +198,14 @@ def plain_history(messages: Any) -> Any:
                 content, [(call["function"]["name"], call["function"]["arguments"]) for call in calls])})
         elif role == "tool":
             result = message_text({"role": "user", "content": message.get("content")}, index)["content"]
-            if converted and converted[-1].get("tool_result"):
+            if converted and isinstance(converted[-1], dict) and converted[-1].get("tool_result"):
                 converted[-1]["results"].append(result)
             else:
                 converted.append({"role": "user", "tool_result": True, "results": [result]})
         else:
             converted.append(message)
     for message in converted:
-        if message.get("tool_result"):
+        if isinstance(message, dict) and message.get("tool_result"):
             message["content"] = results_text(message.pop("results"))
     return converted
 
