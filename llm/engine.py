@@ -137,6 +137,7 @@ class Handle:
         self.error: ServiceError | None = None
         self.created = time.monotonic()
         self.logprobs: list[TokenLogprob] = []  # appended by the producer before the token's text is pushed
+        self.stop_sequence: str | None = None  # the stop string that ended the answer, when one did
 
     # producer side
     def push(self, text: str) -> None:

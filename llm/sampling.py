@@ -73,18 +73,19 @@ class TextStream:
         self._stops = tuple(stop for stop in stops if stop)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, piece: bytes) -> str:
         """Add a token's bytes; returns the text that is now safe to send."""
         if self.stopped:
             return ""
         self._held += self._decoder.decode(piece)
-        for stop in self._stops:
-            index = self._held.find(stop)
-            if index >= 0:
-                self.stopped = True
-                text, self._held = self._held[:index], ""
-                return text
+        found = [(index, stop) for stop in self._stops if (index := self._held.find(stop)) >= 0]
+        if found:  # the earliest stop string wins, whatever the order they were given in
+            index, self.matched = min(found, key=lambda item: item[0])
+            self.stopped = True
+            text, self._held = self._held[:index], ""
+            return text
         keep = self._longest_stop_prefix_suffix()
         text = self._held[: len(self._held) - keep]
         self._held = self._held[len(text):]

@@ -502,6 +502,7 @@ class Scheduler:
             job.lookup.extend([token])
         job.handle.push(job.stream.feed(model.piece(token)))
         if job.stream.stopped or (job.constraint is not None and job.constraint.is_finished()):
+            job.handle.stop_sequence = job.stream.matched
             self._finish(slot, "stop")
         elif job.generated >= job.sampling.max_tokens or len(slot.tokens) + 1 >= job.window:
             self._finish(slot, "length")

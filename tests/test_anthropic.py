@@ -116,3 +116,13 @@ def test_real_model_tool_use_is_valid(live_real):
             tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True})
     assert reply.stop_reason == "tool_use" and [block.type for block in reply.content] == ["tool_use"]
     assert isinstance(reply.content[0].input["city"], str)
+
+
+def test_real_model_names_the_stop_sequence_that_ended_the_answer(live_real):
+    with anthropic.Anthropic(base_url=live_real.url, api_key="none", max_retries=0, timeout=300) as client:
+        cut = client.messages.create(model="greedy", max_tokens=60, stop_sequences=["zzz-never", "e"],
+                                     messages=[{"role": "user", "content": "Describe the sea."}])
+        free = client.messages.create(model="greedy", max_tokens=60, stop_sequences=["zzz-never"],
+                                      messages=[{"role": "user", "content": "Describe the sea."}])
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", "e") and "e" not in cut.content[0].text
+    assert free.stop_reason in ("end_turn", "max_tokens") and free.stop_sequence is None

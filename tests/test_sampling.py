@@ -34,3 +34,11 @@ def test_false_alarm_prefix_is_released():
 def test_sampling_params_from_mapping():
     params = SamplingParams.from_mapping({"temperature": 0, "stop": "x", "unknown": 1, "top_k": None})
     assert params.temperature == 0 and params.stop == ("x",) and params.top_k == SamplingParams().top_k
+
+
+def test_the_earliest_stop_string_wins_and_is_named():
+    stream = TextStream(("END", "e"))  # both complete in one piece: the one that comes first in the text wins
+    assert feed_all(stream, [b"x", b"yz e END"]) == "xyz "
+    assert stream.matched == "e"
+    plain = TextStream(("END",))
+    assert feed_all(plain, [b"no stop here"]) == "no stop here" and plain.matched is None

@@ -134,10 +134,12 @@ def _start(data: dict) -> tuple[ActiveTurn, ToolUse | None]:
 
 
 def _stop(turn: ActiveTurn, stops: list[str] | None) -> tuple[str, str | None]:
-    """Anthropic's stop_reason, and the stop sequence that ended the answer when one did."""
+    """Anthropic's stop_reason, and the client's stop sequence that ended the answer when one did (the chat
+    format's own end-of-turn string is an ordinary end_turn)."""
     reason = turn.handle.finish_reason or "stop"
-    if reason == "stop" and stops:
-        return "stop_sequence", None  # which one matched is not tracked by the engine's text stream
+    matched = turn.handle.stop_sequence
+    if reason == "stop" and matched is not None and matched in (stops or ()):
+        return "stop_sequence", matched
     return STOP_REASONS.get(reason, "end_turn"), None
 
 
