@@ -10,6 +10,7 @@ import * as api from './api.js';
 import { $, announce, element, nearBottom, plural, scrollToEnd } from './dom.js';
 import * as history from './history.js';
 import * as view from './messages.js';
+import { setUpTheme } from './theme.js';
 
 const STORAGE = 'llm.chat.';
 const BACKOFF_MS = [1000, 2000, 4000, 8000, 16000, 30000];
@@ -443,6 +444,7 @@ async function watchModelLoading() {
   }
 }
 
+setUpTheme($('theme-toggle'));
 bindEvents();
 history.initHistory({ open: openConversation, deleted: conversationDeleted });
 watchModelLoading();

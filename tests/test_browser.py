@@ -736,3 +736,27 @@ def test_each_browser_sees_only_its_own_history(browser, live_fake, page, fake_e
     wait_connected(page)
     expect(listed(page, "My private question")).to_have_count(1)
     expect(listed(page, "The stranger's question")).to_have_count(0)
+
+
+def test_theme_follows_the_system_and_the_button_cycles_light_dark_system(browser, live_fake):
+    dark_bg, light_bg = "rgb(17, 20, 24)", "rgb(245, 246, 248)"
+    context = browser.new_context(viewport=DESKTOP, base_url=live_fake.url, color_scheme="dark")
+    try:
+        page = open_chat(context)
+        body = page.locator("body")
+        expect(body).to_have_css("background-color", dark_bg)  # the system's scheme by default
+        button = page.get_by_role("button", name="Theme: as the system")
+        button.click()
+        expect(page.get_by_role("button", name="Theme: light")).to_be_visible()
+        expect(body).to_have_css("background-color", light_bg)
+        page.reload()
+        wait_connected(page)
+        expect(body).to_have_css("background-color", light_bg)  # the choice is kept
+        page.get_by_role("button", name="Theme: light").click()
+        expect(body).to_have_css("background-color", dark_bg)
+        page.get_by_role("button", name="Theme: dark").click()
+        expect(page.get_by_role("button", name="Theme: as the system")).to_be_visible()
+        page.emulate_media(color_scheme="light")
+        expect(body).to_have_css("background-color", light_bg)  # following the system again
+    finally:
+        context.close()

@@ -1,0 +1,31 @@
+/* The colour theme: the system's (default), light or dark. The choice is kept in localStorage and applied as
+ * data-theme on <html>, which sets the CSS color-scheme every light-dark() colour follows. */
+
+const KEY = 'llm.chat.theme';
+const NEXT = { system: 'light', light: 'dark', dark: 'system' };
+const LABEL = { system: 'Theme: as the system', light: 'Theme: light', dark: 'Theme: dark' };
+
+function saved() {
+  try {
+    const value = localStorage.getItem(KEY);
+    return value in NEXT ? value : 'system';
+  } catch { return 'system'; }
+}
+
+function apply(button, theme) {
+  if (theme === 'system') delete document.documentElement.dataset.theme;
+  else document.documentElement.dataset.theme = theme;
+  button.dataset.theme = theme;
+  button.setAttribute('aria-label', LABEL[theme]);
+  button.title = LABEL[theme];
+}
+
+/** Apply the saved theme and make the button cycle system, light, dark. */
+export function setUpTheme(button) {
+  apply(button, saved());
+  button.addEventListener('click', () => {
+    const theme = NEXT[button.dataset.theme] || 'system';
+    try { localStorage.setItem(KEY, theme); } catch { /* private mode: this page only */ }
+    apply(button, theme);
+  });
+}
