@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -241,16 +242,24 @@ class SqlConversationStore:
         first = next((turn for turn in turns if turn.role == "user"), None)
         return title_of((first.display or first.content) if first else "")
 
-    def list(self, user: str, limit: int = 20, offset: int = 0) -> list[dict[str, Any]]:
-        """The user's conversations with at least one message, most recently updated first."""
+    def list(self, user: str, limit: int = 20, offset: int = 0, query: str = "") -> list[dict[str, Any]]:
+        """The user's conversations with at least one message, most recently updated first; with ``query``, only
+        those whose title or any message (as its author saw it) contains it, ignoring case (a scan of the user's
+        own rows, which the per-user quota bounds)."""
+        search, params = "", [user]
+        if query:
+            pattern = "%" + re.sub(r"([\\%_])", r"\\\1", query.lower()) + "%"
+            search = ("AND (LOWER(c.title) LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages s WHERE "
+                      "s.conversation_id = c.id AND LOWER(COALESCE(s.display, s.content)) LIKE ? ESCAPE '\\')) ")
+            params += [pattern, pattern]
         with self.db.transaction() as cur:
             rows = cur.execute(
                 "SELECT c.client_id, c.personality, c.title, c.created, c.updated, "
                 "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) "
                 "FROM conversations c WHERE c.user_id = ? "
-                "AND EXISTS (SELECT 1 FROM messages e WHERE e.conversation_id = c.id) "
+                "AND EXISTS (SELECT 1 FROM messages e WHERE e.conversation_id = c.id) " + search +
                 "ORDER BY c.updated DESC, c.id LIMIT ? OFFSET ?",
-                (user, limit, offset)).all()
+                (*params, limit, offset)).all()
         return [{"id": r[0], "personality": r[1], "title": r[2], "created": r[3], "updated": r[4], "messages": r[5]}
                 for r in rows]
 

@@ -16,12 +16,13 @@ const narrow = window.matchMedia('(max-width: 899px)');
 const ui = {
   sidebar: $('sidebar'), toggle: $('sidebar-toggle'), close: $('sidebar-close'), backdrop: $('sidebar-backdrop'),
   heading: $('history-title'), list: $('history-list'), status: $('history-status'), more: $('history-more'),
-  feedbackExport: $('feedback-export'),
+  feedbackExport: $('feedback-export'), search: $('history-search'),
 };
+const SEARCH_DELAY_MS = 250;
 
 const state = {
   items: [], entries: new Map(), hasMore: false, loaded: false, loadingMore: false, error: '', current: null,
-  serial: 0,
+  serial: 0, query: '', searchTimer: null,
   handlers: { open: () => {}, deleted: () => {} },
 };
 
@@ -48,14 +49,32 @@ function titleOf(item) { return item.title || 'Untitled conversation'; }
 /* ---------- loading ---------- */
 
 async function fetchPage(limit, offset) {
-  const data = await json(`/conversations?limit=${limit}&offset=${offset}`);
+  const query = state.query ? `&q=${encodeURIComponent(state.query)}` : '';
+  const data = await json(`/conversations?limit=${limit}&offset=${offset}${query}`);
   return data.conversations || [];
+}
+
+/** Search as the user types (after a short pause): the list shows only matching conversations. */
+function search() {
+  window.clearTimeout(state.searchTimer);
+  state.searchTimer = window.setTimeout(async () => {
+    const query = ui.search.value.trim();
+    if (query === state.query) return;
+    state.query = query;
+    await loadFirstPage();
+    if (query) {
+      const count = visibleItems().length;
+      announce(count ? `${count}${state.hasMore ? ' or more' : ''} conversations match.` : 'No conversation matches.');
+    }
+  }, SEARCH_DELAY_MS);
 }
 
 async function loadFirstPage() {
   setStatus('Loading…');
+  const query = state.query;
   try {
     const items = await fetchPage(PAGE, 0);
+    if (query !== state.query) return; // a newer search was typed meanwhile: its answer wins
     state.items = items;
     state.hasMore = items.length === PAGE;
     state.error = '';
@@ -132,7 +151,9 @@ function render() {
     if (ui.list.children[index] !== entry.li) ui.list.insertBefore(entry.li, ui.list.children[index] || null);
   });
   if (active && active.isConnected && document.activeElement !== active) active.focus({ preventScroll: true });
-  setStatus(state.error || (visible.length ? '' : 'No conversations yet. They appear here after their first answer.'));
+  const empty = state.query ? 'No conversation matches your search.'
+    : 'No conversations yet. They appear here after their first answer.';
+  setStatus(state.error || (visible.length ? '' : empty));
   ui.status.classList.toggle('error', Boolean(state.error));
   if (state.error) ui.status.setAttribute('role', 'alert');
   else ui.status.removeAttribute('role');
@@ -343,6 +364,7 @@ function bindEvents() {
   });
   narrow.addEventListener('change', () => setDrawer(false, false));
   ui.more.addEventListener('click', loadMore);
+  ui.search.addEventListener('input', search);
   window.setInterval(updateDates, 60000);
 }
 

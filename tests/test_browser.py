@@ -760,3 +760,24 @@ def test_theme_follows_the_system_and_the_button_cycles_light_dark_system(browse
         expect(body).to_have_css("background-color", light_bg)  # following the system again
     finally:
         context.close()
+
+
+def test_search_narrows_the_sidebar_to_matching_conversations(live_fake, context):
+    seed(live_fake, context.user, [
+        ("lisbon", "greedy", "Plan a relaxed weekend in Lisbon", 2 * 3600),
+        ("wal", "greedy", "Explain SQLite WAL mode", 26 * 3600),
+        ("poem", "other", "A birthday poem for Sam", 4 * 86400)])
+    page = open_chat(context)
+    expect(history_items(page)).to_have_count(3)
+    search = page.get_by_role("searchbox", name="Search conversations")
+    search.fill("LISBON")
+    expect(history_items(page)).to_have_count(1)
+    expect(listed(page, "Plan a relaxed weekend in Lisbon")).to_have_count(1)
+    search.fill("An answer to: A birthday")  # answers are searched too
+    expect(history_items(page)).to_have_count(1)
+    expect(listed(page, "A birthday poem for Sam")).to_have_count(1)
+    search.fill("nothing of the sort")
+    expect(history_items(page)).to_have_count(0)
+    expect(page.locator("#history-status")).to_have_text("No conversation matches your search.")
+    search.fill("")
+    expect(history_items(page)).to_have_count(3)

@@ -60,6 +60,23 @@ def test_users_only_see_their_own(store):
         store.delete(cid, "bob")
 
 
+def test_search_finds_titles_and_messages_of_ones_own_conversations(store):
+    user, other = unique("searcher"), unique("stranger")
+    lisbon, wal = unique("lisbon"), unique("wal")
+    store.append(store.open(lisbon, "greedy", user), [Turn("user", "(Today is...)\nPlan a weekend", display="Plan a "
+                                                           "weekend in LISBON"), Turn("assistant", "Go to Belém.")])
+    store.append(store.open(wal, "greedy", user), [Turn("user", "Explain WAL"), Turn("assistant", "100% durable_ish")])
+    store.append(store.open(unique("x"), "greedy", other), [Turn("user", "Lisbon too"), Turn("assistant", "ok")])
+
+    def found(query: str) -> list[str]:
+        return [c["id"] for c in store.list(user, query=query)]
+
+    assert found("lisbon") == [lisbon]  # what the user typed, in any case
+    assert found("belém") == [lisbon] and found("Today is") == []  # answers count; the hidden date line does not
+    assert found("100%") == [wal] and found("%") == [wal] and found("_") == [wal]  # wildcards are literal
+    assert found("e") == [wal, lisbon] and found("nothing like it") == []
+
+
 def test_trimmed_flag_rename_delete_feedback(store):
     cid = unique("t")
     conversation = store.open(cid, "greedy", "u")
@@ -140,6 +157,7 @@ def test_history_api_and_restart(make_app, fake_engine):
 
 
 @pytest.mark.parametrize("method, url, kwargs, status", [
+    ("get", "/conversations?q=" + "x" * 201, {}, 400),
     ("get", "/conversations?limit=0", {}, 400),
     ("get", "/conversations?offset=-1", {}, 400),
     ("patch", "/conversations/nope", {"json": {"title": "x"}}, 404),

@@ -13,6 +13,7 @@ from llm.errors import BadRequest, NotFound
 
 blueprint = Blueprint("history", __name__)
 MAX_PAGE = 100
+MAX_QUERY = 200
 
 
 def services():
@@ -36,8 +37,11 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
 @blueprint.get("/conversations")
 def list_conversations():
     limit, offset = _int_arg("limit", 20, 1, MAX_PAGE), _int_arg("offset", 0, 0, 10**9)
-    items = services().store.list(current_user(), limit=limit, offset=offset)
-    return jsonify({"conversations": items, "limit": limit, "offset": offset})
+    query = request.args.get("q", "").strip()
+    if len(query) > MAX_QUERY:
+        raise BadRequest(f"'q' may have at most {MAX_QUERY} characters.", param="q")
+    items = services().store.list(current_user(), limit=limit, offset=offset, query=query)
+    return jsonify({"conversations": items, "limit": limit, "offset": offset, "q": query})
 
 
 @blueprint.get("/conversations/<conversation_id>")
