@@ -62,7 +62,8 @@ function appendToken(answer, text) {
   if (answer.text.trim()) answer.status.hidden = true;
   if (answer.rendering) return;
   answer.rendering = true; // one render per frame, however many tokens arrived
-  window.requestAnimationFrame(() => { answer.rendering = false; renderAnswer(answer); });
+  // A finished answer was rendered once more by finishAnswer (and got its code copy buttons): leave it.
+  window.requestAnimationFrame(() => { answer.rendering = false; if (!answer.done) renderAnswer(answer); });
 }
 
 function renderAnswer(answer) {

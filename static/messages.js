@@ -1,20 +1,28 @@
 /* The conversation as the user sees it: Markdown made inert, user messages, answers and their footers.
  *
  * Model output is untrusted: markdown-it renders it with raw HTML off and images off (an image URL would leak
- * data to whoever the model was tricked into naming), then DOMPurify keeps only a short list of tags.
+ * data to whoever the model was tricked into naming), then DOMPurify keeps only a short list of tags. Fenced
+ * code that names a language highlight.js knows is highlighted (its output is escaped text in <span>s, and goes
+ * through DOMPurify like the rest); a finished answer's code blocks get a copy button each.
  */
 
 import { $, element, plural, scrollToEnd } from './dom.js';
 import { feedbackControls } from './feedback.js';
 
 const ALLOWED_TAGS = ['p', 'br', 'hr', 'h1', 'h2', 'h3', 'h4', 'h5', 'h6', 'strong', 'em', 's', 'del', 'code',
-  'pre', 'blockquote', 'ul', 'ol', 'li', 'a', 'table', 'thead', 'tbody', 'tr', 'th', 'td'];
+  'pre', 'blockquote', 'ul', 'ol', 'li', 'a', 'table', 'thead', 'tbody', 'tr', 'th', 'td', 'span'];
 const CONTEXT_PREFIX = /^\s*\|CONTEXT\|([\s\S]*?)\|\/CONTEXT\|\s*/;
 
 const container = $('messages');
 let language = '';
 
-const markdown = window.markdownit({ html: false, linkify: true, breaks: false, typographer: false });
+function highlight(code, lang) {
+  const hljs = window.hljs;
+  if (!hljs || !lang || !hljs.getLanguage(lang)) return ''; // markdown-it then escapes the code itself
+  return hljs.highlight(code, { language: lang, ignoreIllegals: true }).value;
+}
+
+const markdown = window.markdownit({ html: false, linkify: true, breaks: false, typographer: false, highlight });
 markdown.disable('image');
 window.DOMPurify.addHook('afterSanitizeAttributes', (node) => {
   if (node.tagName === 'A') {
@@ -93,10 +101,10 @@ export function addSources(article, sources) {
   article.append(box);
 }
 
-function copyButton(text) {
-  const button = element('button', 'button icon copy', 'Copy');
+function copyButton(text, what = 'answer', className = 'button icon copy') {
+  const button = element('button', className, 'Copy');
   button.type = 'button';
-  button.setAttribute('aria-label', 'Copy answer');
+  button.setAttribute('aria-label', `Copy ${what}`);
   button.addEventListener('click', async () => {
     const ok = await copyText(text);
     button.textContent = ok ? 'Copied' : 'Copy failed';
@@ -147,6 +155,9 @@ export function addFooter(article, text, options = {}) {
   const { usage = null, trimmed = 0, note = '', statuses = [], notices = [], feedback = null } = options;
   const bits = [note, usageText(usage)].filter(Boolean);
   const rated = feedback && feedback.messageId != null;
+  for (const pre of article.querySelectorAll('.body pre')) {
+    pre.append(copyButton(pre.textContent, 'code', 'button small code-copy'));
+  }
   if (text || bits.length || rated) {
     const footer = element('div', 'answer-footer');
     if (text) footer.append(copyButton(text));

@@ -781,3 +781,20 @@ def test_search_narrows_the_sidebar_to_matching_conversations(live_fake, context
     expect(page.locator("#history-status")).to_have_text("No conversation matches your search.")
     search.fill("")
     expect(history_items(page)).to_have_count(3)
+
+
+def test_code_is_highlighted_and_each_block_has_a_copy_button(page, fake_engine):
+    fake_engine.script(["Try this:\n\n```python\ndef greet(name):\n    return f'hi {name}'  # friendly\n```\n\n",
+                        "```\nplain text block\n```"])
+    ask(page, "Show me a function")
+    answer = finished_answer(page)
+    python = answer.locator("pre code.language-python")
+    expect(python.locator("span.hljs-keyword").first).to_have_text("def")
+    expect(python.locator("span.hljs-comment")).to_have_text("# friendly")
+    expect(answer.locator("pre")).to_have_count(2)
+    expect(answer.get_by_role("button", name="Copy code")).to_have_count(2)  # unknown language: plain, still copyable
+    expect(answer.locator("pre").nth(1).locator("span")).to_have_count(0)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    answer.get_by_role("button", name="Copy code").first.click()
+    expect(answer.get_by_role("button", name="Copy code").first).to_have_text("Copied")
+    assert "def greet(name):" in page.evaluate("navigator.clipboard.readText()")
