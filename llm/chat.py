@@ -167,15 +167,12 @@ class ChatService:
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list.", param="messages")
         asked = [isinstance(m, dict) and m.get("role") == "user" and not m.get("tool_result") for m in messages]
-        messages = [message_text(message, index) for index, message in enumerate(messages)]
+        messages = with_system_prompt([message_text(message, index) for index, message in enumerate(messages)],
+                                      personality, tools)
+        asked = [False] * (len(messages) - len(asked)) + asked  # the system prompt it may have put first
         spec = self.spec_for(personality)
         params = sampling_for(personality, sampling)
-        if not any(message["role"] == "system" for message in messages):
-            messages.insert(0, {"role": "system", "content": personality.system_prompt})
-            asked.insert(0, False)
         if tools is not None:
-            system = next(m for m in messages if m["role"] == "system")
-            system["content"] = f"{system['content']}\n\n{tools.system_text()}".lstrip()
             constraint = GrammarConstraint(tools.grammar())
         last_user = max((i for i, question in enumerate(asked) if question), default=None)
         sources, notices = [], []
@@ -288,6 +285,18 @@ class ChatService:
 
 
 ROLES = ("system", "user", "assistant")
+
+
+def with_system_prompt(messages: list[dict], personality: Personality, tools: ToolUse | None) -> list[dict]:
+    """Client-held history as the model reads it: the personality's system prompt first unless the client brought
+    its own, and the description of the offered tools appended to the system prompt."""
+    messages = [dict(message) for message in messages]
+    if not any(message["role"] == "system" for message in messages):
+        messages.insert(0, {"role": "system", "content": personality.system_prompt})
+    if tools is not None:
+        system = next(message for message in messages if message["role"] == "system")
+        system["content"] = f"{system['content']}\n\n{tools.system_text()}".lstrip()
+    return messages
 
 
 def message_text(message: Any, index: int) -> dict[str, str]:

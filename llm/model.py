@@ -17,6 +17,7 @@ import llama_cpp
 
 from llm.chat_format import ChatFormat, Message, choose_format
 from llm.errors import ConfigError
+from llm.memory import kv_bytes_per_token
 from llm.models import ModelSpec
 from llm.settings import Settings
 
@@ -106,8 +107,6 @@ class LoadedModel:
     @property
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes per token (f16 keys and values in every layer), for sizing the cache."""
-        from llm.memory import kv_bytes_per_token
-
         heads, kv_heads = llama_cpp.llama_model_n_head(self.ptr), llama_cpp.llama_model_n_head_kv(self.ptr)
         head = llama_cpp.llama_model_n_embd(self.ptr) // max(heads, 1)
         key = int(self.metadata.get(f"{self.architecture}.attention.key_length", head))

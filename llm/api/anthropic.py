@@ -21,7 +21,7 @@ from flask import Blueprint, Response, current_app, jsonify
 from llm.api.openai import _number, body
 from llm.api.openai_output import sse_lines
 from llm.auth import current_user
-from llm.chat import ActiveTurn
+from llm.chat import ActiveTurn, with_system_prompt
 from llm.errors import BadRequest, PayloadTooLarge
 from llm.server import on_disconnect
 from llm.tools import CallReader, ToolUse, assistant_text, check_tool, results_text
@@ -241,11 +241,7 @@ def count_tokens():
     data = body()
     llm = current_app.extensions["llm"]
     personality = llm.personalities.get(data.get("model") if isinstance(data.get("model"), str) else "")
-    messages, tools = _messages(data), _tools(data)
-    if not any(message["role"] == "system" for message in messages):
-        messages.insert(0, {"role": "system", "content": personality.system_prompt})
-    if tools is not None:
-        messages[0]["content"] = f"{messages[0]['content']}\n\n{tools.system_text()}"
+    messages = with_system_prompt(_messages(data), personality, _tools(data))
     return jsonify({"input_tokens": llm.engine.count_tokens(llm.specs(personality), messages)})
 
 
