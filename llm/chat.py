@@ -24,7 +24,7 @@ from llm.engine import Engine, GenerationRequest, GrammarConstraint, Handle, Jso
 from llm.errors import BadRequest, PayloadTooLarge
 from llm.models import ModelSpec
 from llm.personalities import Personality
-from llm.tools import ToolUse
+from llm.tools import ToolFormat, ToolUse, model_history, tool_format
 
 MAX_PROMPT_CHARS = 200_000
 ANONYMOUS = "anonymous"
@@ -86,6 +86,7 @@ class ActiveTurn:
     text: str = ""
     error: Exception | None = None
     assistant_turn: Turn | None = None
+    tools: ToolUse | None = None  # the request's tools in the model's format (for reading the answer)
 
     def pieces(self) -> Iterator[str]:
         """The answer's text pieces; the service's observer hears about the turn once it ends, however it ends."""
@@ -161,20 +162,16 @@ class ChatService:
                        tools: ToolUse | None = None) -> ActiveTurn:
         """A turn from client-held history (OpenAI style): the personality's system prompt is prepended unless
         the client brings its own, and the RAG preprocessor applies to the last user message (never to tool
-        results, which arrive as user turns marked ``tool_result``). ``tools``: the system prompt describes them
-        and a grammar makes every call valid."""
+        results). ``tools``: described to the model in its own format, and a grammar makes every call valid."""
         personality = self.personalities.get(personality_name)
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("'messages' must be a non-empty list.", param="messages")
-        asked = [isinstance(m, dict) and m.get("role") == "user" and not m.get("tool_result") for m in messages]
-        messages = with_system_prompt([message_text(message, index) for index, message in enumerate(messages)],
-                                      personality, tools)
-        asked = [False] * (len(messages) - len(asked)) + asked  # the system prompt it may have put first
         spec = self.spec_for(personality)
+        form = self._tool_format(spec)
+        messages, tools = self._client_history(personality, messages, tools, form)
         params = sampling_for(personality, sampling)
         if tools is not None:
             constraint = GrammarConstraint(tools.grammar())
-        last_user = max((i for i, question in enumerate(asked) if question), default=None)
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user" and (
+            m["content"] or not m.get("results"))), default=None)
         sources, notices = [], []
         if last_user is not None:
             check_prompt(messages[last_user]["content"])
@@ -182,11 +179,33 @@ class ChatService:
             question, context, sources, notices = self._prepare(personality, spec, messages[last_user]["content"],
                                                                 None)
             messages[last_user]["content"] = self._user_content(personality, question, context)
+        messages = model_history(messages, form)
         handle = self.engine.submit(GenerationRequest(model=spec, messages=messages, sampling=params,
                                                       constraint=constraint, timeout=timeout,
                                                       **self._privacy(personality, user)))
         return ActiveTurn(self, None, Turn("user", messages[-1]["content"]), handle, 0, sources, notices,
-                          personality.name, channel, user)
+                          personality.name, channel, user, tools=tools)
+
+    def count_message_tokens(self, personality_name: str, messages: Any, tools: ToolUse | None = None) -> int:
+        """Tokens client-held history takes as the model would read it (no RAG: nothing is fetched to count)."""
+        personality = self.personalities.get(personality_name)
+        spec = self.spec_for(personality)
+        form = self._tool_format(spec)
+        messages, _ = self._client_history(personality, messages, tools, form)
+        return self.engine.count_tokens(spec, model_history(messages, form))
+
+    def _tool_format(self, spec: ModelSpec) -> ToolFormat:
+        return tool_format(self.engine.tool_format(spec))
+
+    @staticmethod
+    def _client_history(personality: Personality, messages: Any, tools: ToolUse | None,
+                        form: ToolFormat) -> tuple[list[dict], ToolUse | None]:
+        """Validated history with the system prompt and the tools in the model's format (tool use still marked)."""
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty list.", param="messages")
+        tools = tools.formatted(form) if tools is not None else None
+        messages = [message_text(message, index) for index, message in enumerate(messages)]
+        return with_system_prompt(messages, personality, tools), tools
 
     def start_raw(self, personality_name: str, prompt: Any, sampling: dict[str, Any] | None = None,
                   channel: str = "openai", user: str | None = None) -> ActiveTurn:
@@ -315,4 +334,16 @@ def message_text(message: Any, index: int) -> dict[str, str]:
         content = "".join(part["text"] for part in content)
     if not isinstance(content, str):
         raise BadRequest(f"messages[{index}].content must be a string.", param=f"messages[{index}].content")
-    return {"role": role, "content": content}
+    return {"role": role, "content": content, **_tool_marks(message, index)}
+
+
+def _tool_marks(message: dict, index: int) -> dict[str, list]:
+    """Tool use the API layer marked on a message (``calls``: (name, arguments) pairs on an assistant turn;
+    ``results``: texts on a user turn); ``llm.tools.model_history`` writes them in the model's format."""
+    marks = {key: message[key] for key in ("calls", "results") if message.get(key)}
+    calls_ok = all(isinstance(call, (list, tuple)) and len(call) == 2 and all(isinstance(part, str) for part in call)
+                   for call in marks.get("calls", ()))
+    results_ok = all(isinstance(result, str) for result in marks.get("results", ()))
+    if not (calls_ok and results_ok and all(isinstance(value, list) for value in marks.values())):
+        raise BadRequest(f"messages[{index}]: malformed tool calls or results.", param=f"messages[{index}]")
+    return marks

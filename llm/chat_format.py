@@ -18,8 +18,10 @@ from datetime import datetime
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import htmlsafe_json_dumps
 
 from llm.errors import ConfigError
+from llm.tools import template_tool_format
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -28,6 +30,9 @@ Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 # with a paragraph separator that trimming templates strip (so we know to strip the content the same way).
 _PAD = "\u2029"
 _SENTINEL = re.compile("\u2029?\ue000(\\d+)\ue001\u2029?")
+# The same stand-in after a template's ``tojson`` (Llama 3.1 writes tool results so): the content goes in as JSON.
+_JSON_SENTINEL = re.compile(r'"\\u2029\\ue000(\d+)\\ue001\\u2029"')
+_ANY_SENTINEL = re.compile(f"{_JSON_SENTINEL.pattern}|{_SENTINEL.pattern}")
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class ChatFormat:
     name: str
     render: Callable[[Sequence[Message], bool], str]
     stops: tuple[str, ...] = ()
+    tool_format: str = "hermes"  # how the model reads tools and writes calls (llm.tools)
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[tuple[str, bool]]:
         """The rendered prompt as ``(text, trusted)`` pieces: the template's own text is trusted (its turn markers
@@ -48,11 +54,14 @@ class ChatFormat:
         marked = [{**m, "content": f"{_PAD}\ue000{i}\ue001{_PAD}"} for i, m in enumerate(messages)]
         text = self.render(marked, add_generation_prompt)
         pieces, position = [], 0
-        for match in _SENTINEL.finditer(text):
-            content = messages[int(match[1])].get("content") or ""
-            # Where the template trimmed our padding it trims the content too, on that side only.
-            content = content if match.group().startswith(_PAD) else content.lstrip()
-            content = content if match.group().endswith(_PAD) else content.rstrip()
+        for match in _ANY_SENTINEL.finditer(text):
+            index = match[1] or match[2]
+            content = messages[int(index)].get("content") or ""
+            if match[1]:
+                content = str(htmlsafe_json_dumps(content))  # exactly as the template's tojson writes it
+            else:  # where the template trimmed our padding it trims the content too, on that side only
+                content = content if match.group().startswith(_PAD) else content.lstrip()
+                content = content if match.group().endswith(_PAD) else content.rstrip()
             pieces += [(text[position:match.start()], True), (content, False)]
             position = match.end()
         pieces.append((text[position:], True))
@@ -105,7 +114,7 @@ def _phi3(messages: Sequence[Message], add_generation_prompt: bool) -> str:
 BUILTIN_FORMATS: dict[str, ChatFormat] = {
     "gemma": ChatFormat("gemma", _gemma, ("<end_of_turn>",)),
     "chatml": ChatFormat("chatml", _chatml, ("<|im_end|>",)),
-    "llama3": ChatFormat("llama3", _llama3, ("<|eot_id|>",)),
+    "llama3": ChatFormat("llama3", _llama3, ("<|eot_id|>",), "llama3"),
     "phi3": ChatFormat("phi3", _phi3, ("<|end|>",)),
 }
 
@@ -145,7 +154,7 @@ def template_format(template: str, bos_token: str, eos_token: str, adds_bos: boo
         return text[len(bos_token):] if adds_bos and bos_token and text.startswith(bos_token) else text
 
     stops = (eos_token,) if eos_token else ()
-    return ChatFormat("template", render, stops)
+    return ChatFormat("template", render, stops, template_tool_format(template))
 
 
 def choose_format(metadata: dict[str, str], override: str | None, bos_token: str, eos_token: str,

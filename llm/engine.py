@@ -192,6 +192,9 @@ class Engine(Protocol):
     def count_text_tokens(self, model: Any, text: str) -> int:
         """Tokens a piece of plain text takes."""
 
+    def tool_format(self, model: Any) -> str:
+        """How this model reads tools and writes calls (a name in ``llm.tools.TOOL_FORMATS``)."""
+
     def forget(self, conversation: str) -> None:
         """Drop a conversation's cached state."""
 

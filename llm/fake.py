@@ -20,9 +20,11 @@ from llm.errors import PayloadTooLarge, ServiceError
 class FakeEngine:
     """Implements ``llm.engine.Engine`` without a model: one token per word."""
 
-    def __init__(self, pieces: Sequence[str] = ("Hello", " from", " the", " fake", " engine."), delay: float = 0.0):
+    def __init__(self, pieces: Sequence[str] = ("Hello", " from", " the", " fake", " engine."), delay: float = 0.0,
+                 tool_format: str = "hermes"):
         self.default_pieces = list(pieces)
         self.delay = delay
+        self.tools = tool_format
         self.requests: list[GenerationRequest] = []
         self.forgotten: list[str] = []
         self._scripts: deque[list[str] | ServiceError] = deque()
@@ -75,6 +77,9 @@ class FakeEngine:
 
     def count_text_tokens(self, model: Any, text: str) -> int:
         return len(text.split())
+
+    def tool_format(self, model: Any) -> str:
+        return self.tools
 
     def forget(self, conversation: str) -> None:
         self.forgotten.append(conversation)

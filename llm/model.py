@@ -20,6 +20,7 @@ from llm.errors import ConfigError
 from llm.memory import kv_bytes_per_token
 from llm.models import ModelSpec
 from llm.settings import Settings
+from llm.tools import ToolFormat, tool_format
 
 log = logging.getLogger(__name__)
 LLAMA_LOG = logging.getLogger("llm.llama_cpp")
@@ -90,11 +91,12 @@ class LoadedModel:
         self.eos_text = self.token_text(llama_cpp.llama_vocab_eos(self.vocab))
         self.chat_format: ChatFormat = choose_format(self.metadata, settings.chat_format, self.bos_text, self.eos_text,
                                                      self.add_bos)
+        self.tool_format: ToolFormat = tool_format(settings.tool_format or self.chat_format.tool_format)
         self._special_ids, self._specials = self._special_tokens()
         self.end_tokens = tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
         self._trusted_cache: dict[str, list[tuple[str, int | None]]] = {}
-        log.info("loaded %s (%s, chat format %s; %s)", spec.name, self.architecture, self.chat_format.name,
-                 self._placement())
+        log.info("loaded %s (%s, chat format %s, tool format %s; %s)", spec.name, self.architecture,
+                 self.chat_format.name, self.tool_format.name, self._placement())
 
     def _placement(self) -> str:
         """Where the layers went, in llama.cpp's words when it said (not only what was asked)."""

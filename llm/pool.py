@@ -148,6 +148,9 @@ class ModelPool:
     def count_text_tokens(self, model: ModelSpec, text: str) -> int:
         return len(self._worker(model).model.tokenize_plain(text))
 
+    def tool_format(self, model: ModelSpec) -> str:
+        return self._worker(model).model.tool_format.name
+
     def forget(self, conversation: str) -> None:
         with self._lock:
             for worker in self._workers.values():
@@ -159,7 +162,7 @@ class ModelPool:
                 "loaded": worker is not None}
         if worker is not None:
             info.update(architecture=worker.model.architecture, chat_format=worker.model.chat_format.name,
-                        gpu_layers=worker.model.gpu_layers)
+                        tool_format=worker.model.tool_format.name, gpu_layers=worker.model.gpu_layers)
         return info
 
     def stats(self) -> dict[str, Any]:

@@ -1,19 +1,21 @@
 """Tool (function) calling: the tools a client offers, the format the model reads and writes them in, the grammar
 that makes every call valid, and the reader that turns the answer back into text or calls.
 
-The format is the Hermes one (Qwen 2.5/3, Hermes and SmolLM3 models are trained on it; a model that was not can
-still follow it from the instructions). The system prompt gains the tools' JSON Schemas inside ``<tools>`` tags;
-a call is written as::
+The format is the model's own where its chat template shows one we know (``template_tool_format``), else the
+generic Hermes one:
 
-    <tool_call>
-    {"name": "get_weather", "arguments": {"city": "Paris"}}
-    </tool_call>
+* ``hermes`` (Qwen 2.5/3, Hermes, SmolLM3; and every model without a format of its own, which can follow it from
+  the instructions): the system prompt lists the tools' JSON Schemas inside ``<tools>`` tags; a call is
+  ``<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>``, one block per call
+  (separated by a newline); results come back in the next user turn inside ``<tool_response>`` tags.
+* ``llama3`` (Llama 3.1, 3.2, 3.3): Meta's JSON tool calling: the system prompt lists the tools and asks for
+  ``{"name": "get_weather", "parameters": {"city": "Paris"}}`` as the whole answer, one call per turn; each result
+  comes back in an ``ipython`` turn.
 
-one block per call (parallel calls are separated by a newline), and results come back in the next user turn
-inside ``<tool_response>`` tags. The model's answer is constrained by an llguidance grammar: with ``auto`` it
-chooses between free text and calls; with ``required`` or a named tool it must call; the name is always one of
-the tools and the arguments always match that tool's schema (checked again after generation, since a schema the
-grammar can only approximate is enforced as a superset).
+The model's answer is constrained by an llguidance grammar: with ``auto`` it chooses between free text and calls;
+with ``required`` or a named tool it must call; the name is always one of the tools and the arguments always match
+that tool's schema (checked again after generation, since a schema the grammar can only approximate is enforced as
+a superset).
 """
 
 from __future__ import annotations
@@ -22,28 +24,97 @@ import json
 import re
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from llm.errors import BadRequest, GenerationFailed, IncompleteOutput
+from llm.errors import BadRequest, ConfigError, GenerationFailed, IncompleteOutput
 from llm.schema_support import check_schema, normalise, validate_output
 
 MAX_TOOLS = 128
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-OPEN = "<tool_call>\n"
-HEAD = OPEN + '{"name": "'
-MIDDLE = '", "arguments": '
-TAIL = "}\n</tool_call>"
-SEPARATOR = "\n"
 # Strict JSON without whitespace (no padding forever); lenient: a keyword the grammar cannot enforce becomes a
 # superset there and is enforced by validation instead of refusing the tool.
 _JSON_OPTIONS = {"whitespace_flexible": False, "coerce_one_of": True, "lenient": True}
-_INSTRUCTIONS = ("You may call functions to help with the user's request. The functions are described by JSON "
-                 "Schemas inside <tools></tools>:\n<tools>\n{tools}\n</tools>\n{rule} To call a function, answer with "
-                 'one block per call:\n<tool_call>\n{{"name": "<function name>", "arguments": <arguments as a JSON '
-                 "object>}}\n</tool_call>\nResults come back inside <tool_response></tool_response> tags.")
 _RULES = {"auto": "Call a function only when it helps; otherwise answer in plain text.",
           "required": "You must call at least one function."}
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """How a model family reads tools and writes calls.
+
+    A call is ``head + name + middle + arguments + tail``; calls are joined by ``separator``. An answer is calls
+    exactly when it starts with ``opening`` (a prefix of ``head``), and free text may not match ``not_text`` (a
+    regex), so the reader can tell the two apart from the first characters."""
+
+    name: str
+    head: str
+    middle: str
+    tail: str
+    separator: str
+    opening: str
+    not_text: str
+    instructions: str  # with {tools} (one JSON object per tool) and {rule}
+    tools_indent: int | None = None
+    parallel: bool = True  # the family can make several calls in one answer
+    results_role: str | None = None  # each result in its own turn of this role; None: one user turn of results
+
+    def call_text(self, name: str, arguments: str) -> str:
+        """A call as the model writes it (for assistant turns in the history); arguments re-encoded compactly."""
+        try:
+            arguments = json.dumps(json.loads(arguments), ensure_ascii=False, separators=(",", ":"))
+        except ValueError:
+            pass  # a client's malformed arguments are shown as they were
+        return f"{self.head}{name}{self.middle}{arguments}{self.tail}"
+
+    def assistant_text(self, content: str | None, calls: Sequence[tuple[str, str]]) -> str:
+        """An assistant turn with calls, as the model would have written it."""
+        blocks = self.separator.join(self.call_text(name, arguments) for name, arguments in calls)
+        return f"{content}\n{blocks}" if content else blocks
+
+    def result_turns(self, results: Sequence[str], text: str = "") -> list[dict[str, str]]:
+        """Tool results (and any text the user wrote with them) as the turns that bring them back to the model."""
+        if self.results_role is not None:
+            turns = [{"role": self.results_role, "content": result} for result in results]
+            return turns + ([{"role": "user", "content": text}] if text else [])
+        shown = "\n".join(f"<tool_response>\n{result}\n</tool_response>" for result in results)
+        return [{"role": "user", "content": "\n".join(filter(None, [shown, text]))}]
+
+
+HERMES = ToolFormat(
+    "hermes", head='<tool_call>\n{"name": "', middle='", "arguments": ', tail="}\n</tool_call>", separator="\n",
+    opening="<tool_call>\n", not_text="<tool_call>(?s:.*)",
+    instructions=("You may call functions to help with the user's request. The functions are described by JSON "
+                  "Schemas inside <tools></tools>:\n<tools>\n{tools}\n</tools>\n{rule} To call a function, answer "
+                  'with one block per call:\n<tool_call>\n{{"name": "<function name>", "arguments": <arguments as a '
+                  "JSON object>}}\n</tool_call>\nResults come back inside <tool_response></tool_response> tags."))
+# Meta's wording for tools in the system prompt (their template's tools_in_user_message=false variant).
+LLAMA3 = ToolFormat(
+    "llama3", head='{"name": "', middle='", "parameters": ', tail="}", separator="; ", opening='{"name": "',
+    not_text='[ \\t\\n]*\\{(?s:.*)', tools_indent=4, parallel=False, results_role="ipython",
+    instructions=("You have access to the following functions. To call a function, please respond with JSON for a "
+                  'function call. Respond in the format {{"name": function name, "parameters": dictionary of argument '
+                  "name and its value}}. Do not use variables.\n\n{tools}\n\n{rule}"))
+TOOL_FORMATS = {form.name: form for form in (HERMES, LLAMA3)}
+
+
+def tool_format(name: str) -> ToolFormat:
+    """The named format (LLM_TOOL_FORMAT, or what the model's template showed)."""
+    try:
+        return TOOL_FORMATS[name]
+    except KeyError:
+        raise ConfigError(f"Unknown tool format {name!r}; known: {', '.join(TOOL_FORMATS)}.") from None
+
+
+def template_tool_format(template: str | None) -> str:
+    """The tool format a chat template was written for, by the markers it writes; ``hermes`` (the generic one)
+    when it shows none we know. Checked in this order because Hermes fine-tunes of Llama 3.1 keep Llama's headers."""
+    template = template or ""
+    if "<tool_call>" in template:
+        return "hermes"
+    if "<|start_header_id|>" in template and '"parameters"' in template:
+        return "llama3"
+    return "hermes"
 
 
 @dataclass(frozen=True)
@@ -74,6 +145,9 @@ def check_tool(name: Any, description: Any, parameters: Any, where: str) -> Tool
         parameters = {"type": "object", "properties": {}}
     if not isinstance(parameters, dict):
         raise BadRequest(f"{where}: the parameters must be a JSON Schema object.", param=where)
+    if parameters.get("type", "object") != "object":
+        raise BadRequest(f"{where}: the parameters must describe an object (\"type\": \"object\").", param=where)
+    parameters = {"type": "object", **parameters}  # arguments are always an object, as every client expects
     check_schema(parameters)
     return Tool(name, description or "", parameters)
 
@@ -83,11 +157,13 @@ class ToolUse:
     """The tools of one request and how the model may use them.
 
     ``choice``: ``auto`` (text or calls), ``required`` (at least one call) or the name of the one tool to call;
-    ``parallel``: several calls in one answer."""
+    ``parallel``: several calls in one answer (where the format allows); ``format``: the model's (set by the chat
+    service once it knows the model)."""
 
     tools: tuple[Tool, ...]
     choice: str = "auto"
     parallel: bool = True
+    format: ToolFormat = HERMES
 
     def __post_init__(self):
         if len(self.tools) > MAX_TOOLS:
@@ -101,54 +177,54 @@ class ToolUse:
     def tool(self, name: str) -> Tool:
         return next(tool for tool in self.tools if tool.name == name)
 
+    def formatted(self, form: ToolFormat) -> ToolUse:
+        return replace(self, format=form)
+
     def system_text(self) -> str:
         """What the system prompt gains: the tools and how to call them."""
-        listed = "\n".join(json.dumps({"type": "function", "function": {
+        indent = self.format.tools_indent
+        listed = ("\n\n" if indent else "\n").join(json.dumps({"type": "function", "function": {
             "name": tool.name, "description": tool.description, "parameters": tool.parameters}},
-            ensure_ascii=False) for tool in self.tools)
+            ensure_ascii=False, indent=indent) for tool in self.tools)
         rule = _RULES.get(self.choice, f"You must call the function {self.choice}.")
-        return _INSTRUCTIONS.format(tools=listed, rule=rule)
+        return self.format.instructions.format(tools=listed, rule=rule)
 
     def grammar(self) -> str:
         """The Lark grammar of a valid answer: free text (auto only) or calls to these tools."""
+        form = self.format
         callable_tools = self.tools if self.choice in ("auto", "required") else (self.tool(self.choice),)
         rules = []
         for index, tool in enumerate(callable_tools):
             schema = {**normalise(tool.parameters), "x-guidance": _JSON_OPTIONS}
-            rules.append(f"call_{index}: {json.dumps(HEAD + tool.name + MIDDLE)} args_{index} {json.dumps(TAIL)}")
+            rules.append(f"call_{index}: {json.dumps(form.head + tool.name + form.middle)} args_{index} "
+                         f"{json.dumps(form.tail)}")
             rules.append(f"args_{index}: %json{json.dumps(schema, ensure_ascii=False)}")
-        calls = f"call ({json.dumps(SEPARATOR)} call)*" if self.parallel else "call"
+        calls = f"call ({json.dumps(form.separator)} call)*" if self.parallel and form.parallel else "call"
         start = "TEXT | calls" if self.choice == "auto" else "calls"
         return "\n".join([f"start: {start}", f"calls: {calls}",
                           "call: " + " | ".join(f"call_{i}" for i in range(len(callable_tools))),
-                          r"TEXT: /(?s:.+)/ & ~/<tool_call>(?s:.*)/", *rules])
+                          f"TEXT: /(?s:.+)/ & ~/{form.not_text}/", *rules])
 
     def parse(self, text: str, finish_reason: str | None) -> tuple[str | None, list[ToolCall]]:
         """The whole answer as (text, calls); calls are validated against their tools' schemas."""
-        reader = CallReader()
+        reader = CallReader(self.format)
         for _ in reader.feed(text):
             pass
         return reader.finish(self, finish_reason)
 
 
-def call_text(name: str, arguments: str) -> str:
-    """A call as the model writes it (for assistant turns in the history); arguments are re-encoded compactly."""
-    try:
-        arguments = json.dumps(json.loads(arguments), ensure_ascii=False, separators=(",", ":"))
-    except ValueError:
-        pass  # a client's malformed arguments are shown as they were
-    return f"{HEAD}{name}{MIDDLE}{arguments}{TAIL}"
-
-
-def assistant_text(content: str | None, calls: Sequence[tuple[str, str]]) -> str:
-    """An assistant turn with calls, as the model would have written it."""
-    blocks = SEPARATOR.join(call_text(name, arguments) for name, arguments in calls)
-    return f"{content}\n{blocks}" if content else blocks
-
-
-def results_text(results: Sequence[str]) -> str:
-    """Tool results, as the user turn that brings them back to the model."""
-    return "\n".join(f"<tool_response>\n{result}\n</tool_response>" for result in results)
+def model_history(messages: Sequence[dict], form: ToolFormat) -> list[dict[str, str]]:
+    """Client-held history with tool use (messages marked with ``calls`` or ``results`` by the API layer) as the
+    model's own turns."""
+    turns: list[dict[str, str]] = []
+    for message in messages:
+        if message.get("calls"):
+            turns.append({"role": "assistant", "content": form.assistant_text(message["content"], message["calls"])})
+        elif message.get("results"):
+            turns += form.result_turns(message["results"], message["content"])
+        else:
+            turns.append({"role": message["role"], "content": message["content"]})
+    return turns
 
 
 def new_call_id() -> str:
@@ -161,19 +237,38 @@ class CallReader:
     ``feed`` yields events: ``("text", piece)``, ``("call", index, id, name)`` when a call's name is known, and
     ``("arguments", index, piece)`` as its arguments stream (the grammar fixes the layout, so no guessing)."""
 
-    def __init__(self):
+    def __init__(self, form: ToolFormat):
+        self.format = form
         self.text = ""
         self.kind: str | None = None  # "text" or "calls" once known
         self.calls: list[list[str]] = []  # [id, name, arguments]
         self._position = 0
         self._state = "head"
+        self._depth, self._in_string, self._escaped = 0, False, False  # where the arguments' JSON stands
+
+    def _json_end(self, text: str) -> int | None:
+        """Where the arguments' JSON object ends in ``text`` (continuing from earlier pieces), or None if it goes on.
+        Brace counting is enough: the grammar made it valid JSON, and a tail may itself be a brace."""
+        for index, char in enumerate(text):
+            if self._in_string:
+                self._escaped, self._in_string = (False, True) if self._escaped else (char == "\\", char != '"')
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+            elif char in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return index + 1
+        return None
 
     def feed(self, piece: str) -> Iterator[tuple]:
         self.text += piece
         if self.kind is None:
-            if len(self.text) < len(OPEN) and OPEN.startswith(self.text):
+            opening = self.format.opening
+            if len(self.text) < len(opening) and opening.startswith(self.text):
                 return
-            self.kind = "calls" if self.text.startswith(OPEN) else "text"
+            self.kind = "calls" if self.text.startswith(opening) else "text"
             piece = self.text
         if self.kind == "text":
             yield ("text", piece)
@@ -181,37 +276,42 @@ class CallReader:
         yield from self._read_calls()
 
     def _read_calls(self) -> Iterator[tuple]:
+        head, middle, tail, separator = self.format.head, self.format.middle, self.format.tail, self.format.separator
         while True:
             rest = self.text[self._position:]
             if self._state == "head":
-                if len(rest) < len(HEAD):
+                if len(rest) < len(head):
                     return
-                self._position, self._state = self._position + len(HEAD), "name"
+                self._position, self._state = self._position + len(head), "name"
             elif self._state == "name":
                 end = rest.find('"')
                 if end < 0:
                     return
                 self.calls.append([new_call_id(), rest[:end], ""])
-                self._position, self._state = self._position + end + len(MIDDLE), "middle"
+                self._position, self._state = self._position + end + len(middle), "middle"
                 yield ("call", len(self.calls) - 1, self.calls[-1][0], self.calls[-1][1])
             elif self._state == "middle":
                 if len(self.text) < self._position:
                     return
                 self._state = "arguments"
             elif self._state == "arguments":
-                end = rest.find(TAIL)
-                ready = rest[:end] if end >= 0 else rest[:len(rest) - _held_back(rest)]
+                end = self._json_end(rest)
+                ready = rest if end is None else rest[:end]
                 if ready:
                     self.calls[-1][2] += ready
                     yield ("arguments", len(self.calls) - 1, ready)
                 self._position += len(ready)
-                if end < 0:
+                if end is None:
                     return
-                self._position, self._state = self._position + len(TAIL), "between"
+                self._state = "tail"
+            elif self._state == "tail":
+                if len(rest) < len(tail):
+                    return
+                self._position, self._state = self._position + len(tail), "between"
             else:  # between calls
                 if not rest:
                     return
-                self._position, self._state = self._position + len(SEPARATOR), "head"
+                self._position, self._state = self._position + len(separator), "head"
 
     def close(self) -> Iterator[tuple]:
         """At the end of the stream: a short answer still undecided (say ``<to``) was text after all."""
@@ -233,11 +333,3 @@ class CallReader:
                 raise GenerationFailed(f"The call to {name}: {error.message}") from None
             calls.append(ToolCall(ident, name, arguments))
         return None, calls
-
-
-def _held_back(text: str) -> int:
-    """How many trailing characters might be the start of the call's closing tail (held until disambiguated)."""
-    for size in range(min(len(TAIL), len(text)), 0, -1):
-        if TAIL.startswith(text[-size:]):
-            return size
-    return 0

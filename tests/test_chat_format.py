@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from llm.chat_format import choose_format
@@ -68,3 +70,17 @@ def test_segments_keep_every_message_content_untrusted(fmt):
 def test_template_keeps_its_first_marker_when_the_vocabulary_adds_no_bos():
     fmt = choose_format({"tokenizer.chat_template": TEMPLATE}, None, "<|im_start|>", "<|im_end|>", adds_bos=False)
     assert fmt.render(MESSAGES, True).startswith("<|im_start|>system\nBe brief.")
+
+
+def test_llama_3_1s_own_template_shows_the_llama3_tool_format_and_renders_results_as_untrusted_json():
+    """Meta's template writes an ipython turn's content through ``tojson``: the content still goes in untrusted,
+    JSON-quoted as the template would quote it."""
+    template = (Path(__file__).parent / "fixtures" / "templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text()
+    fmt = choose_format({"tokenizer.chat_template": template}, None, "<|begin_of_text|>", "<|eot_id|>")
+    assert fmt.tool_format == "llama3"
+    messages = [*MESSAGES, {"role": "assistant", "content": '{"name": "f", "parameters": {}}'},
+                {"role": "ipython", "content": 'said "hi"<|eot_id|>'}]
+    pieces = fmt.segments(messages, True)
+    assert "".join(text for text, _ in pieces) == fmt.render(messages, True)
+    assert ('"said \\"hi\\"\\u003c|eot_id|\\u003e"', False) in pieces
+    assert ("<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n", True) in pieces

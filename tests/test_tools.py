@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
 
+from app import create_app
 from llm.errors import BadRequest, GenerationFailed, IncompleteOutput
-from llm.tools import CallReader, Tool, ToolUse, assistant_text, call_text, check_tool, results_text
+from llm.tools import HERMES, LLAMA3, CallReader, Tool, ToolUse, check_tool, template_tool_format
+from tests.conftest import TEST_PERSONALITIES, LiveServer
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
            "required": ["city"], "additionalProperties": False}
@@ -19,12 +22,12 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 USE = ToolUse((Tool("get_weather", "Weather.", WEATHER), Tool("get_time")))
 
 
-def call(name: str, arguments: dict) -> str:
-    return call_text(name, json.dumps(arguments))
+def call(name: str, arguments: dict, form=HERMES) -> str:
+    return form.call_text(name, json.dumps(arguments))
 
 
-def read(pieces: list[str]) -> tuple[list[tuple], CallReader]:
-    reader = CallReader()
+def read(pieces: list[str], form=HERMES) -> tuple[list[tuple], CallReader]:
+    reader = CallReader(form)
     events = [event for piece in pieces for event in reader.feed(piece)]
     return events + list(reader.close()), reader
 
@@ -32,9 +35,9 @@ def read(pieces: list[str]) -> tuple[list[tuple], CallReader]:
 def test_a_call_is_written_in_the_documented_format():
     assert call("get_weather", {"city": "Paris"}) == (
         '<tool_call>\n{"name": "get_weather", "arguments": {"city":"Paris"}}\n</tool_call>')
-    assert assistant_text("Let me look.", [("get_time", "{}")]).startswith("Let me look.\n<tool_call>\n")
-    assert results_text(["12", "sunny"]) == "<tool_response>\n12\n</tool_response>\n<tool_response>\nsunny\n" \
-                                            "</tool_response>"
+    assert HERMES.assistant_text("Let me look.", [("get_time", "{}")]).startswith("Let me look.\n<tool_call>\n")
+    assert HERMES.result_turns(["12", "sunny"]) == [{"role": "user", "content": (
+        "<tool_response>\n12\n</tool_response>\n<tool_response>\nsunny\n</tool_response>")}]
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
@@ -73,8 +76,52 @@ def test_the_grammar_names_only_the_offered_tools_and_text_only_with_auto():
     assert "You must call the function get_time." in ToolUse(USE.tools, "get_time").system_text()
 
 
+# ----- the model's own format: Llama 3.x ------------------------------------------------------------------------
+
+TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
+
+
+@pytest.mark.parametrize(("template", "expected"), [
+    ("meta-llama-Llama-3.1-8B-Instruct", "llama3"), ("meta-llama-Llama-3.2-3B-Instruct", "llama3"),
+    ("meta-llama-Llama-3.3-70B-Instruct", "llama3"), ("Qwen-Qwen2.5-7B-Instruct", "hermes"),
+    ("NousResearch-Hermes-3-Llama-3.1-8B-tool_use", "hermes"),  # a Llama fine-tune trained on Hermes calls
+    ("mistralai-Mistral-Nemo-Instruct-2407", "hermes"),  # a format of its own we do not write: the generic one
+    ("google-gemma-2-2b-it", "hermes")])  # no tools in the template: the generic one
+def test_the_template_says_which_tool_format_the_model_was_trained_on(template, expected):
+    assert template_tool_format((TEMPLATES / f"{template}.jinja").read_text()) == expected
+
+
+def test_llama3_calls_are_metas_json_and_results_come_back_as_ipython_turns():
+    assert call("get_weather", {"city": "Paris"}, LLAMA3) == '{"name": "get_weather", "parameters": {"city":"Paris"}}'
+    assert LLAMA3.result_turns(["sunny"], "thanks") == [{"role": "ipython", "content": "sunny"},
+                                                       {"role": "user", "content": "thanks"}]
+    use = USE.formatted(LLAMA3)
+    assert 'Respond in the format {"name": function name, "parameters": dictionary' in use.system_text()
+    assert '\n    "type": "function"' in use.system_text()  # tools listed as Meta's template lists them
+    grammar = use.grammar()
+    assert "calls: call\n" in grammar and '"{\\"name\\": \\"get_time\\", \\"parameters\\": "' in grammar
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 1000])
+def test_the_reader_finds_the_end_of_llama3_arguments_by_their_braces(size):
+    arguments = {"city": "Paris {centre}", "nested": {"a": [1, {"b": "}\\"}]}, "days": 2}
+    text = call("get_weather", arguments, LLAMA3)
+    events, reader = read([text[i:i + size] for i in range(0, len(text), size)], LLAMA3)
+    assert json.loads("".join(e[2] for e in events if e[0] == "arguments")) == arguments
+    assert reader.kind == "calls" and reader._state == "between"
+    with pytest.raises(IncompleteOutput):
+        read([text[:-1]], LLAMA3)[1].finish(USE, "length")  # the arguments ended but the call did not
+
+
+@pytest.mark.parametrize("text", ["Hello", "{", '{"name', "I would call {get_weather}"])
+def test_llama3_text_streams_as_text(text):
+    events, reader = read(list(text), LLAMA3)
+    assert "".join(e[1] for e in events) == text and {e[0] for e in events} == {"text"}
+
+
 @pytest.mark.parametrize(("name", "parameters", "message"), [
-    ("bad name", None, "name"), ("f", [], "JSON Schema"), ("f", {"type": "nonsense"}, "schema")])
+    ("bad name", None, "name"), ("f", [], "JSON Schema"), ("f", {"type": "nonsense"}, "object"),
+    ("f", {"type": "string"}, "object"), ("f", {"properties": {"a": {"type": "nonsense"}}}, "schema")])
 def test_bad_tools_are_400s(name, parameters, message):
     with pytest.raises(BadRequest, match=message):
         check_tool(name, None, parameters, "tools[0]")
@@ -168,8 +215,32 @@ def test_tool_history_is_rendered_for_the_model(oai, fake_engine):
     messages = fake_engine.requests[-1].messages
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[2]["content"] == call("get_weather", {"city": "Paris"}) + "\n" + call("get_time", {})
-    assert messages[3]["content"] == results_text(["sunny, 21 C", "14:05"])
+    assert [messages[3]] == HERMES.result_turns(["sunny, 21 C", "14:05"])
     assert messages[1]["content"].endswith("Weather in Paris and the time?")  # the question, not the results
+
+
+def test_with_a_llama3_model_history_calls_and_grammar_are_in_its_format(make_app, fake_engine):
+    fake_engine.tools = "llama3"
+    fake_engine.script(['{"name": "get_time", "parameters": {}}'])
+    server = LiveServer(make_app())
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
+    try:
+        reply = client.chat.completions.create(model="greedy", tools=TOOLS, messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+            {"role": "user", "content": "And the time?"}])
+    finally:
+        client.close()
+        server.close()
+    assert reply.choices[0].message.tool_calls[0].function.name == "get_time"
+    request = fake_engine.requests[-1]
+    assert [m["role"] for m in request.messages] == ["system", "user", "assistant", "ipython", "user"]
+    assert request.messages[2]["content"] == '{"name": "get_weather", "parameters": {"city":"Paris"}}'
+    assert request.messages[3]["content"] == "sunny, 21 C"
+    assert '"parameters": dictionary' in request.messages[0]["content"]
+    assert '\\"parameters\\": ' in request.constraint.lark and "<tool_call>" not in request.constraint.lark
 
 
 @pytest.mark.parametrize(("extra", "param"), [
@@ -219,6 +290,41 @@ def test_real_model_with_auto_answers_text_or_valid_calls_and_streams_them(real_
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
     calls = [delta for chunk in chunks for delta in chunk.choices[0].delta.tool_calls or []]
     assert (reason == "tool_calls" and calls and not text) or (reason in ("stop", "length") and text and not calls)
+
+
+@pytest.fixture(scope="module")
+def llama3_oai(tmp_path_factory):
+    """The embedded model told to use Llama 3's tool format (as a Llama 3.x GGUF's template would choose it)."""
+    database = tmp_path_factory.mktemp("db") / "conversations.db"
+    app = create_app({"TESTING": True, "LLM_PERSONALITIES_DIR": str(TEST_PERSONALITIES), "LLM_CONTEXT_WINDOW": 2048,
+                      "DATABASE_URL": f"sqlite:///{database}", "LLM_PARALLEL": 2, "LLM_CPU_THREADS": 2,
+                      "LLM_TOOL_FORMAT": "llama3"})
+    server = LiveServer(app)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+    yield client
+    client.close()
+    server.close()
+    app.extensions["llm"].engine.close()
+
+
+def test_real_model_in_the_llama3_format_makes_valid_calls_and_reads_results(llama3_oai):
+    question = {"role": "user", "content": "Weather in Paris for 3 days?"}
+    for choice in ("required", "auto"):
+        reply = llama3_oai.chat.completions.create(model="greedy", messages=[question], tools=TOOLS,
+                                                   tool_choice=choice, max_tokens=80)
+        message = reply.choices[0].message
+        if reply.choices[0].finish_reason == "tool_calls":
+            assert len(message.tool_calls) == 1 and message.content is None  # Llama 3 makes one call per turn
+            tool = next(t["function"] for t in TOOLS if t["function"]["name"] == message.tool_calls[0].function.name)
+            jsonschema.validate(json.loads(message.tool_calls[0].function.arguments), tool["parameters"])
+        else:
+            assert choice == "auto" and message.content and not message.tool_calls
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]
+    history = [question, {"role": "assistant", "content": None, "tool_calls": calls},
+               {"role": "tool", "tool_call_id": "call_1", "content": "Sunny all week."}]
+    answer = llama3_oai.chat.completions.create(model="greedy", tools=TOOLS, tool_choice="none", max_tokens=20,
+                                                messages=history)
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.choices[0].message.content
 
 
 def test_langchain_agent_calls_a_tool_and_answers_with_its_result(live_real):

@@ -21,10 +21,10 @@ from flask import Blueprint, Response, current_app, jsonify
 from llm.api.openai import _number, body
 from llm.api.openai_output import sse_lines
 from llm.auth import current_user
-from llm.chat import ActiveTurn, with_system_prompt
+from llm.chat import ActiveTurn
 from llm.errors import BadRequest, PayloadTooLarge
 from llm.server import on_disconnect
-from llm.tools import CallReader, ToolUse, assistant_text, check_tool, results_text
+from llm.tools import CallReader, ToolUse, check_tool
 
 blueprint = Blueprint("anthropic", __name__, url_prefix="/v1/messages")
 NOT_YET = ("thinking", "mcp_servers", "container")
@@ -46,8 +46,8 @@ def _is_text(block: Any) -> bool:
 
 
 def _message(message: Any, where: str) -> dict[str, Any]:
-    """One message in the model's format: text blocks, an assistant's ``tool_use`` blocks as calls, a user's
-    ``tool_result`` blocks as results (marked, so the RAG preprocessor leaves them alone)."""
+    """One message marked for the chat service: text blocks, an assistant's ``tool_use`` blocks as its calls, a
+    user's ``tool_result`` blocks as results (which the RAG preprocessor leaves alone)."""
     if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
         raise BadRequest(f"{where}.role must be user or assistant.", param=where)
     content = message.get("content")
@@ -70,10 +70,9 @@ def _message(message: Any, where: str) -> dict[str, Any]:
             raise BadRequest(f"{where}.content: only text, tool_use (assistant) and tool_result (user) blocks are "
                              "supported.", param=f"{where}.content")
     if calls:
-        return {"role": "assistant", "content": assistant_text(text, calls)}
+        return {"role": "assistant", "content": text, "calls": calls}
     if results:
-        return {"role": "user", "content": "\n".join(filter(None, [results_text(results), text])),
-                "tool_result": not text}
+        return {"role": "user", "content": text, "results": results}
     return {"role": message["role"], "content": text}
 
 
@@ -120,7 +119,7 @@ def _sampling(data: dict) -> dict[str, Any]:
             "top_p": _number(data, "top_p", 0.0001, 1), "top_k": _number(data, "top_k", 0, 1 << 20, True)}
 
 
-def _start(data: dict) -> tuple[ActiveTurn, ToolUse | None]:
+def _start(data: dict) -> ActiveTurn:
     name = data.get("model")
     if not isinstance(name, str) or not name:
         raise BadRequest("'model' (a personality name) is required.", param="model")
@@ -128,7 +127,7 @@ def _start(data: dict) -> tuple[ActiveTurn, ToolUse | None]:
     try:
         return current_app.extensions["llm"].chat.start_messages(name, messages, sampling=sampling,
                                                                  channel="anthropic", user=current_user(),
-                                                                 tools=tools), tools
+                                                                 tools=tools)
     except PayloadTooLarge as error:
         raise BadRequest(error.message, param="messages") from None
 
@@ -158,7 +157,8 @@ def _tool_use(ident: str, name: str, arguments: str | None = None) -> dict:
 @blueprint.post("")
 def messages():
     data = body()
-    turn, tools = _start(data)
+    turn = _start(data)
+    tools = turn.tools  # in the model's format
     on_disconnect(turn.cancel)
     ident = f"msg_{uuid.uuid4().hex}"
     if data.get("stream"):
@@ -181,7 +181,7 @@ def _events(turn: ActiveTurn, ident: str, data: dict, tools: ToolUse | None) -> 
     message = {"id": ident, "type": "message", "role": "assistant", "model": data["model"], "content": [],
                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
     yield {"type": "message_start", "message": message}
-    reader = CallReader() if tools is not None else None
+    reader = CallReader(tools.format) if tools is not None else None
     blocks = _Blocks()
     try:
         for piece in turn.pieces():
@@ -239,10 +239,9 @@ class _Blocks:
 def count_tokens():
     """Tokens the messages take for that personality's model, as the model reads them."""
     data = body()
-    llm = current_app.extensions["llm"]
-    personality = llm.personalities.get(data.get("model") if isinstance(data.get("model"), str) else "")
-    messages = with_system_prompt(_messages(data), personality, _tools(data))
-    return jsonify({"input_tokens": llm.engine.count_tokens(llm.specs(personality), messages)})
+    name = data.get("model") if isinstance(data.get("model"), str) else ""
+    tokens = current_app.extensions["llm"].chat.count_message_tokens(name, _messages(data), _tools(data))
+    return jsonify({"input_tokens": tokens})
 
 
 def error_body(message: str, status: int) -> dict:

@@ -32,7 +32,7 @@ from llm.chat import ActiveTurn, message_text
 from llm.engine import JsonConstraint
 from llm.errors import BadRequest, PayloadTooLarge
 from llm.schema_support import check_schema
-from llm.tools import ToolUse, assistant_text, check_tool, results_text
+from llm.tools import ToolUse, check_tool
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -178,8 +178,8 @@ def tool_use(data: dict) -> ToolUse | None:
 
 
 def plain_history(messages: Any) -> Any:
-    """OpenAI's tool history in the model's format: an assistant turn with ``tool_calls`` becomes the calls as
-    the model writes them; consecutive ``tool`` messages become one user turn of results."""
+    """OpenAI's tool history marked for the chat service: an assistant turn with ``tool_calls`` carries its
+    ``calls``; consecutive ``tool`` messages become one user turn of ``results``."""
     if not isinstance(messages, list):
         return messages
     converted: list[dict] = []
@@ -194,19 +194,17 @@ def plain_history(messages: Any) -> Any:
                 raise BadRequest(f"messages[{index}].tool_calls must be a list of function calls with name and "
                                  "arguments.", param=f"messages[{index}].tool_calls")
             content = message_text({"role": "assistant", "content": message.get("content") or ""}, index)["content"]
-            converted.append({"role": "assistant", "content": assistant_text(
-                content, [(call["function"]["name"], call["function"]["arguments"]) for call in calls])})
+            converted.append({"role": "assistant", "content": content,
+                              "calls": [(call["function"]["name"], call["function"]["arguments"]) for call in calls]})
         elif role == "tool":
             result = message_text({"role": "user", "content": message.get("content")}, index)["content"]
-            if converted and isinstance(converted[-1], dict) and converted[-1].get("tool_result"):
-                converted[-1]["results"].append(result)
+            last = converted[-1] if converted and isinstance(converted[-1], dict) else {}
+            if last.get("results") and not last["content"]:
+                last["results"].append(result)
             else:
-                converted.append({"role": "user", "tool_result": True, "results": [result]})
+                converted.append({"role": "user", "content": "", "results": [result]})
         else:
             converted.append(message)
-    for message in converted:
-        if isinstance(message, dict) and message.get("tool_result"):
-            message["content"] = results_text(message.pop("results"))
     return converted
 
 
@@ -290,9 +288,9 @@ def chat_completions():
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         return sse(chat_chunks(start_choices(start, sampling, count), ident, created, name, include_usage,
-                               constraint, schema, tools, logprobs))
+                               constraint, schema, logprobs))
     turns, texts = run_choices(start, sampling, count)
-    choices = [{"index": index, **answer(turn, text, tools),
+    choices = [{"index": index, **answer(turn, text),
                 "logprobs": chat_logprobs(turn.handle.logprobs) if logprobs else None}
                for index, (turn, text) in enumerate(zip(turns, texts, strict=True))]
     return jsonify({"id": ident, "object": "chat.completion", "created": created, "model": name,

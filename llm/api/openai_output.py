@@ -16,7 +16,7 @@ from llm.engine import TokenLogprob
 from llm.errors import IncompleteOutput, ServiceError
 from llm.schema_support import validate_output
 from llm.server import on_disconnect
-from llm.tools import CallReader, ToolUse
+from llm.tools import CallReader
 
 IMPOSSIBLE = -9999.0  # OpenAI's log-probability for a token that cannot be chosen (JSON has no -inf)
 
@@ -56,8 +56,9 @@ def run_choices(start: Callable[[dict], ActiveTurn], sampling: dict, count: int)
             turn.cancel()
 
 
-def answer(turn: ActiveTurn, text: str, tools: ToolUse | None) -> dict:
+def answer(turn: ActiveTurn, text: str) -> dict:
     """One choice's message and finish reason: text, or the calls the model made."""
+    tools = turn.tools
     if tools is None:
         return {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(turn)}
     content, calls = tools.parse(text, turn.handle.finish_reason)
@@ -134,9 +135,9 @@ class ChoiceStream:
     """One choice of a streamed chat completion: its deltas (text, or tool calls once the reader knows), the log
     probabilities not yet sent, and its finish."""
 
-    def __init__(self, turn: ActiveTurn, tools: ToolUse | None, logprobs: bool):
-        self.turn, self.tools, self.logprobs = turn, tools, logprobs
-        self.reader = CallReader() if tools is not None else None
+    def __init__(self, turn: ActiveTurn, logprobs: bool):
+        self.turn, self.tools, self.logprobs = turn, turn.tools, logprobs
+        self.reader = CallReader(self.tools.format) if self.tools is not None else None
         self.announced = self.reader is None  # with tools the role rides on the first delta
         self.sent = 0  # log-probability entries already sent
 
@@ -174,13 +175,13 @@ class ChoiceStream:
 
 
 def chat_chunks(turns: list[ActiveTurn], ident: str, created: int, name: str, include_usage: bool,
-                constraint, schema, tools: ToolUse | None, logprobs: bool) -> Iterator[dict]:
+                constraint, schema, logprobs: bool) -> Iterator[dict]:
     """Chunks of one or several choices as they are produced, each choice ending with its finish reason."""
     def chunk(index: int, delta: dict, reason: str | None = None, probs: dict | None = None) -> dict:
         return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": probs}]}
 
-    streams = [ChoiceStream(turn, tools, logprobs) for turn in turns]
+    streams = [ChoiceStream(turn, logprobs) for turn in turns]
     for index, stream in enumerate(streams):
         yield from (chunk(index, delta) for delta in stream.opening())
     try:
