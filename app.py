@@ -99,6 +99,7 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
 
     from llm import auth, guard, limits
     from llm.api import anthropic, embeddings, gpt, history, openai, pages, toil
+    from llm.api.answers import Answers
     from llm.api.errors import register_error_handlers
     from llm.api.socket import SocketRegistry
 
@@ -114,7 +115,8 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     app.register_blueprint(anthropic.blueprint)
     app.register_blueprint(embeddings.blueprint)
     app.extensions["llm_sockets"] = SocketRegistry(settings.max_sockets_per_user,
-                                                   settings.parallel + settings.queue_size + 8)
+                                                   settings.parallel + settings.queue_size + 8,
+                                                   Answers(settings.resume_seconds))
     from llm.observability import install_observability
 
     install_observability(app)

@@ -40,6 +40,13 @@ class NotFound(ServiceError):
     type = "not_found"
 
 
+class Gone(ServiceError):
+    """Something that existed but is no longer kept (an answer past its resume window)."""
+
+    status = 410
+    type = "gone"
+
+
 class PayloadTooLarge(ServiceError):
     """A prompt or body that cannot fit, even after trimming history."""
 

@@ -218,6 +218,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Open websockets allowed per user (per address when anonymous); 0: no cap."),
     Setting("LLM_SOCKET_IDLE_TIMEOUT", "socket_idle_timeout", 900.0, _float(1.0),
             "Seconds a websocket may stay open without a prompt before the server closes it."),
+    Setting("LLM_RESUME_SECONDS", "resume_seconds", 120.0, _float(0.0),
+            "How long an answer goes on after its websocket (JSON mode) dropped, waiting for the client to "
+            "reconnect and resume it, and how long a finished one is kept for that; 0: a dropped socket cancels "
+            "its answer."),
     Setting("LLM_SOCKET_END_SESSION", "socket_end_session", False, _bool,
             "End each websocket answer with `<END session-id>` (the reference design's later clients, which open a "
             "socket per prompt and continue with `|SESSION|session-id|/SESSION|`) instead of `<END>`. "

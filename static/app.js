@@ -4,6 +4,11 @@
  * history.js (the sidebar of past conversations), dom.js (helpers). This one owns the socket and the answer
  * life cycle. The conversation id lives in localStorage per personality, so a reload restores the history
  * from GET /conversations/<id> and the new socket binds to it with a |SESSION|id|/SESSION| frame.
+ *
+ * Answers survive a dropped connection: every frame of an answer carries its id and a sequence number, so when
+ * the socket drops mid-answer (a phone locks, Wi-Fi switches) the page reconnects with ?resume=<id>&after=<seq>
+ * and the server, which went on generating, sends what was missed and then the rest; frames already seen are
+ * ignored, so nothing shows twice. A Stop pressed while offline is sent as soon as the socket is back.
  */
 
 import * as api from './api.js';
@@ -29,6 +34,7 @@ const state = {
   socket: null, serial: 0, open: false,
   expecting: [], // one entry per bind or prompt frame sent: the server ends each with one end frame, in order
   current: null, lastPrompt: null, retries: 0, retryTimer: null,
+  resuming: null, // the answer in progress when the socket dropped, to pick up on the next socket
 };
 
 const store = {
@@ -48,7 +54,7 @@ function addAnswer(prompt) {
   const article = view.appendMessage('assistant', 'Answer');
   const answer = {
     prompt, article, conversationId: state.conversationId, text: '', statuses: [], sources: [], stopped: false,
-    done: false, rendering: false, body: element('div', 'body markdown'), status: element('p', 'status-line'),
+    done: false, id: null, seq: 0, rendering: false, body: element('div', 'body markdown'), status: element('p', 'status-line'),
   };
   article.setAttribute('aria-busy', 'true');
   answer.status.append(element('span', 'spinner'), element('span', 'status-text', 'Thinking…'));
@@ -72,9 +78,9 @@ function renderAnswer(answer) {
   scrollToEnd(stick);
 }
 
-function setStatus(answer, message) {
+function setStatus(answer, message, record = true) {
   if (answer && !answer.done) {
-    if (!answer.statuses.includes(message)) answer.statuses.push(message);
+    if (record && !answer.statuses.includes(message)) answer.statuses.push(message);
     answer.status.querySelector('.status-text').textContent = message;
     answer.status.hidden = false;
   }
@@ -153,6 +159,7 @@ function stopAnswer() {
   ui.stop.textContent = 'Stopping…';
   ui.stop.disabled = true;
   if (state.open) state.socket.send('|STOP|'); // the end frame follows and finishes the answer
+  // offline: sent as soon as the socket is back (onOpen), and the end frame follows then
 }
 
 function submitComposer() {
@@ -176,7 +183,9 @@ function connect() {
   closeSocket();
   const serial = state.serial;
   const path = `/gpt-socket/${encodeURIComponent(state.personality.name)}`;
-  const socket = new WebSocket(api.socketUrl(path, { format: 'json' }));
+  const resuming = state.resuming;
+  const params = resuming ? { format: 'json', resume: resuming.id, after: resuming.seq } : { format: 'json' };
+  const socket = new WebSocket(api.socketUrl(path, params));
   state.socket = socket;
   setConnection('connecting', state.retries ? 'Reconnecting…' : 'Connecting…');
   socket.onopen = () => serial === state.serial && onOpen(socket);
@@ -194,6 +203,11 @@ function closeSocket() {
 
 function onOpen(socket) {
   state.open = true;
+  if (state.resuming) { // the server sends the rest of that answer first
+    state.expecting.push({ kind: 'answer', answer: state.resuming, resumed: true });
+    if (state.resuming.stopped) socket.send('|STOP|');
+    state.resuming = null;
+  }
   socket.send(sessionMarker()); // binds (or re-binds) this socket to the conversation
   state.expecting.push({ kind: 'bind' });
 }
@@ -210,6 +224,12 @@ function onFrame(data) {
   try { frame = JSON.parse(data); } catch { return; }
   const head = state.expecting[0];
   const answer = head && head.kind === 'answer' ? head.answer : null;
+  if (answer && frame.seq) {
+    if (frame.seq <= answer.seq) return; // already shown before the connection dropped
+    answer.id = frame.answer;
+    answer.seq = frame.seq;
+  }
+  if (frame.type === 'start') return;
   if (frame.type === 'token' && answer) appendToken(answer, frame.text || '');
   else if (frame.type === 'status') setStatus(answer, frame.message || '');
   else if (frame.type === 'source' && answer) answer.sources.push(frame);
@@ -222,7 +242,12 @@ function onFrame(data) {
 }
 
 function onError(head, frame) {
-  if (head && head.kind === 'answer') {
+  if (head && head.resumed && frame.status === 410) {
+    // Kept no longer: the stored conversation has the answer as far as it got.
+    state.expecting.shift();
+    selectPersonality(state.personality.name, state.conversationId);
+    view.showNotice('The connection was lost for too long to continue that answer; here is the conversation as the server kept it.');
+  } else if (head && head.kind === 'answer') {
     failAnswer(head.answer, errorText(frame));
   } else if (head && head.kind === 'bind' && frame.status === 400) {
     // The stored id cannot be used (e.g. it belongs to another personality): start afresh.
@@ -238,7 +263,11 @@ function onDrop() {
   const refused = !state.open; // never opened: perhaps the API key is no longer accepted
   state.open = false;
   for (const entry of state.expecting) {
-    if (entry.kind === 'answer') {
+    if (entry.kind !== 'answer') continue;
+    if (entry.answer.id && !state.resuming) { // the server goes on with it: pick it up after reconnecting
+      state.resuming = entry.answer;
+      setStatus(entry.answer, 'Connection lost; the answer goes on at the server. Reconnecting…', false);
+    } else {
       failAnswer(entry.answer, 'The connection was lost, so this answer was cut off.');
       finishAnswer(entry.answer, {}, 'Interrupted');
     }
@@ -281,6 +310,7 @@ function hideBanner() { ui.banner.hidden = true; }
 
 /** Show a conversation (a new one has no stored turns to look up, so the page does not ask for them). */
 function startConversation(id, fresh = false) {
+  state.resuming = null; // an answer elsewhere is not picked up here
   state.conversationId = id;
   state.fresh = fresh ? id : null;
   state.lastPrompt = null;

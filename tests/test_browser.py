@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -389,7 +391,7 @@ def test_sources_status_and_trimmed_notice(context):
     expect(answer.get_by_role("group", name="Rate this answer")).to_have_count(0)  # its end frame had no message_id
 
 
-def test_dropped_socket_reconnects_and_rebinds(context, fake_engine, cache_key):
+def test_dropped_socket_reconnects_rebinds_and_resumes_the_answer(context, fake_engine, cache_key):
     routes = []
 
     def proxy(route):
@@ -406,14 +408,16 @@ def test_dropped_socket_reconnects_and_rebinds(context, fake_engine, cache_key):
     fake_engine.script(LONG)
     ask(page, "Talk a lot")
     expect(answers(page).last).to_contain_text("w1")
-    routes[-1].close(code=1001, reason="going away")  # as when the server restarts
-    answer = finished_answer(page)
-    expect(answer.get_by_role("alert")).to_contain_text("connection was lost")
+    routes[-1].close(code=1001, reason="going away")  # as when a proxy drops the connection
     expect(page.locator("#banner")).to_contain_text("Reconnecting in 1 second")
     shot(page, "reconnecting-desktop.png")
+    answer = finished_answer(page)
+    assert answer.locator(".body").inner_text().split() == [word.strip() for word in LONG]  # all, once each
+    expect(answer.get_by_role("alert")).to_have_count(0)
     wait_connected(page)
     expect(page.locator("#banner")).to_be_hidden()
-    assert len(routes) == 2
+    assert len(routes) == 2 and "resume=" in routes[-1].url
+    assert len(fake_engine.requests) == 2  # the answer was generated once
 
     fake_engine.delay = 0
     ask(page, "After the drop")
@@ -421,6 +425,111 @@ def test_dropped_socket_reconnects_and_rebinds(context, fake_engine, cache_key):
     request = fake_engine.requests[-1]
     assert request.conversation == cache_key(first_id)
     assert [m["content"] for m in request.messages[1:3]] == ["Before the drop", "Hello from the fake engine."]
+
+
+class Network:
+    """The browser's network to the server: a TCP relay on 127.0.0.1 that can be cut (every connection reset, new
+    ones refused) and restored, with the browser told it is offline meanwhile, as a phone that loses Wi-Fi is."""
+
+    def __init__(self, context, target: tuple[str, int]):
+        self.context, self.target = context, target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.up = True
+        self.connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self.connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        self.up = False
+        self.context.set_offline(True)
+        with self._lock:
+            connections, self.connections = self.connections, []
+        for connection in connections:  # shut down first: that wakes the relay's threads blocked on them
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            connection.close()
+
+    def restore(self):
+        self.up = True
+        self.context.set_offline(False)
+
+    def close(self):
+        self.cut()
+        self.listener.close()
+
+
+@pytest.fixture
+def network(browser, live_fake):
+    """A browser context whose every connection to the live server goes through a ``Network`` it can cut."""
+    host, port = live_fake.url.removeprefix("http://").split(":")
+    context = next(contexts := browser_context(browser, live_fake))
+    network = Network(context, (host, int(port)))
+    yield network
+    network.close()
+    next(contexts, None)
+
+
+def test_an_answer_survives_a_network_cut_and_resumes_where_it_was(network, fake_engine):
+    page = open_chat(network.context, f"{network.url}/")
+    fake_engine.delay = 0.1
+    fake_engine.script(LONG)
+    ask(page, "Talk a lot")
+    expect(answers(page).last).to_contain_text("w2")
+    network.cut()  # the phone locks, the Wi-Fi changes...
+    expect(page.locator("#connection")).to_have_attribute("data-state", "down")
+    expect(answers(page).last).to_contain_text("the answer goes on at the server")
+    time.sleep(1)  # meanwhile the server goes on generating
+    network.restore()
+    answer = finished_answer(page)
+    assert answer.locator(".body").inner_text().split() == [word.strip() for word in LONG]  # nothing lost or twice
+    expect(answer.get_by_role("alert")).to_have_count(0)
+    assert len(fake_engine.requests) == 1 and not fake_engine.cancelled.is_set()
+
+
+def test_stop_pressed_while_offline_stops_the_answer_once_back(network, fake_engine):
+    page = open_chat(network.context, f"{network.url}/")
+    fake_engine.delay = 0.3
+    fake_engine.script(LONG)
+    ask(page, "Talk a lot")
+    expect(answers(page).last).to_contain_text("w1")
+    network.cut()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "down")
+    page.get_by_role("button", name="Stop").click()
+    network.restore()
+    answer = finished_answer(page)
+    expect(answer).to_contain_text("Stopped")
+    assert fake_engine.cancelled.wait(30) and "w23" not in answer.locator(".body").inner_text()
 
 
 RICH_ANSWER = """## Three ways to reverse a list

@@ -289,7 +289,7 @@ def read_ends(ws, expected: int, json_mode: bool) -> list:
         assert isinstance(frame, str), frame
         if json_mode:
             frame = json.loads(frame)
-            assert frame["type"] in ("token", "status", "source", "error", "end"), frame
+            assert frame["type"] in ("start", "token", "status", "source", "error", "end"), frame
             ends += frame["type"] == "end"
         else:
             ends += frame == "<END>"

@@ -4,8 +4,10 @@ Plain mode (the reference contract) sends answer text, status lines (``*Fetching
 could not be read) before the answer, ``<ERROR> message`` frames and ``<END>``; in the compatibility mode of the
 reference design's later clients (``LLM_SOCKET_END_SESSION`` or ``?end=session``) the end frame is
 ``<END session-id>``. ``?format=json`` sends ``{"type": "token"|"status"|"source"|"error"|"end", ...}`` frames for
-rich clients. A first prompt starting ``|SESSION|<id>|/SESSION|`` names the conversation; ``|STOP|`` stops the
-answer in progress.
+rich clients; each frame of an answer there also carries the answer's id and a sequence number, starting with a
+``start`` frame, so a client whose connection dropped can resume it (``llm.api.answers``:
+``?format=json&resume=<answer>&after=<seq>``). A first prompt starting ``|SESSION|<id>|/SESSION|`` names the
+conversation; ``|STOP|`` stops the answer in progress.
 
 Served natively on the ASGI server (``llm.server``): frames are read by a coroutine, so an idle socket holds no
 thread and ``|STOP|`` or a disconnect reach the engine at its next step; an answer runs in a thread of a bounded
@@ -24,11 +26,14 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import parse_qs
 
 from flask import Flask, g
 from werkzeug.test import EnvironBuilder
 
-from llm.errors import BadRequest, NotFound, ServiceError, TooManyRequests
+from llm.api.answers import Answer, Answers
+from llm.auth import ANONYMOUS
+from llm.errors import BadRequest, Gone, NotFound, ServiceError, TooManyRequests
 from llm.limits import HANDSHAKE, identity
 
 log = logging.getLogger(__name__)
@@ -42,10 +47,15 @@ class Frames:
 
     def __init__(self, send_text, json_mode: bool, end_with_session: bool = False):
         self.send_text, self.json_mode, self.end_with_session = send_text, json_mode, end_with_session
+        self.answer: Answer | None = None  # JSON mode: the resumable answer these frames belong to
 
     def send(self, kind: str, text: str = "", **fields: Any) -> None:
         if self.json_mode:
-            self.send_text(json.dumps({"type": kind, **({"text": text} if kind == "token" else {}), **fields}))
+            frame = {"type": kind, **({"text": text} if kind == "token" else {}), **fields}
+            if self.answer is not None:
+                self.answer.emit(frame)  # numbered and kept, then sent if the socket is still there
+            else:
+                self.send_text(json.dumps(frame))
         elif kind == "token" and text:
             self.send_text(text)
         elif kind == "status":  # where a plain client's user looks: in the answer's text, before the answer
@@ -61,13 +71,18 @@ class Frames:
 
 
 class SocketSession:
-    """One websocket's conversation and the answer in progress; ``answer`` runs in a worker thread."""
+    """One websocket's conversation and the answer in progress; ``answer`` runs in a worker thread.
+
+    ``current`` is what ``|STOP|`` cancels: the turn, or in JSON mode the resumable answer around it (which a
+    closing socket detaches instead of cancelling, see ``llm.api.answers``)."""
 
     def __init__(self, llm: Any, send_text, personality: str, json_mode: bool, user: str, charge=None,
-                 end_with_session: bool = False):
+                 end_with_session: bool = False, answers: Answers | None = None, owner: str = ""):
         self.llm, self.personality, self.user = llm, personality, user
         self.frames = Frames(send_text, json_mode, end_with_session)
         self.charge = charge or (lambda: None)  # the user's rate budget, one unit per prompt
+        self.answers = answers if json_mode else None
+        self.owner = owner  # who may resume this socket's answers
         self.conversation_id: str | None = None
         self.current = None
         self.closed = threading.Event()
@@ -79,8 +94,19 @@ class SocketSession:
                 self.current.cancel()
 
     def close(self) -> None:
+        """The socket closed: the answer in progress is cancelled, or detached to be resumed."""
         self.closed.set()
-        self.cancel_current()
+        with self._lock:
+            current = self.current
+        if isinstance(current, Answer):
+            self.answers.detach(current, self.frames.send_text)
+        elif current is not None:
+            current.cancel()
+
+    def _set_current(self, current, expected=None) -> None:
+        with self._lock:
+            if expected is None or self.current is expected:
+                self.current = current
 
     def refuse_unknown_personality(self) -> bool:
         """An unknown personality is answered with an error frame and the end frame, as the reference does."""
@@ -111,6 +137,24 @@ class SocketSession:
             self.frames.error(error)
             self.frames.send("end", conversation=self.conversation_id or (
                 self._ensure_conversation() if self.frames.end_with_session else None))
+        finally:
+            self.frames.answer = None
+            self._set_current(None)
+
+    def resume(self, answer: Answer | None, after: int) -> None:
+        """Continue an answer whose socket dropped: the frames after ``after``, then the rest as they come."""
+        if answer is None:
+            self.frames.error(Gone("That answer can no longer be resumed (it ended too long ago, or it is not "
+                                   "yours); load the conversation to see it."))
+            self.frames.send("end")
+            return
+        self.conversation_id = answer.conversation
+        self._set_current(answer)
+        try:
+            answer.attach(self.frames.send_text, after)
+            answer.wait(self.frames.send_text)
+        finally:
+            self._set_current(None, expected=answer)
 
     def _take_session(self, message: str) -> str:
         match = SESSION.match(message)
@@ -128,21 +172,27 @@ class SocketSession:
 
     def _generate(self, prompt: str) -> None:
         frames = self.frames
-        turn = self.llm.chat.start(self.personality, prompt, conversation_id=self._ensure_conversation(),
+        conversation = self._ensure_conversation()
+        answer = None
+        if self.answers is not None:
+            answer = frames.answer = self.answers.start(self.owner, conversation, frames.send_text)
+            self._set_current(answer)
+            frames.send("start", conversation=conversation)
+        turn = self.llm.chat.start(self.personality, prompt, conversation_id=conversation,
                                    on_status=lambda text: frames.send("status", message=text), channel="socket",
                                    user=self.user)
-        with self._lock:
-            self.current = turn
+        if answer is not None:
+            answer.turn = turn
+        else:
+            self._set_current(turn)
         try:
-            if self.closed.is_set():
+            if answer.cancelled if answer is not None else self.closed.is_set():
                 turn.cancel()
             for source in turn.sources:  # notices already went out as status frames while preparing
                 frames.send("source", **source)
             for piece in turn.pieces():
                 frames.send("token", piece)
         finally:
-            with self._lock:
-                self.current = None
             turn.cancel()
         turn.finish()
         message_id = turn.assistant_turn.message_id if turn.assistant_turn else None
@@ -155,11 +205,17 @@ class SocketRegistry:
     """Open websockets per user (per address when anonymous), capped by LLM_MAX_SOCKETS_PER_USER, and the
     thread pool answers run in."""
 
-    def __init__(self, cap: int, threads: int):
+    def __init__(self, cap: int, threads: int, answers: Answers):
         self.cap = cap
         self.open: Counter = Counter()
         self._lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ws-answer")
+        self.answers = answers
+        self._running: set[asyncio.Task] = set()  # answers whose socket closed (asyncio keeps tasks weakly)
+
+    def keep(self, task: asyncio.Task) -> None:
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     def acquire(self, who: str) -> bool:
         with self._lock:
@@ -197,6 +253,10 @@ def handshake(app: Flask, scope: dict) -> tuple[str, Any]:
 
 def _address(scope: dict) -> str:
     return (scope.get("client") or ("",))[0]
+
+
+def _int(text: str) -> int:
+    return int(text) if text.isdigit() else 0
 
 
 async def _deny(scope: dict, send, error: ServiceError) -> None:
@@ -245,18 +305,27 @@ async def _converse(llm, registry, scope, receive, send, user, charge, personali
     def send_text(text: str) -> None:  # from the answer's thread; waits so a slow reader slows only itself
         asyncio.run_coroutine_threadsafe(send({"type": "websocket.send", "text": text}), loop).result()
 
-    query = scope.get("query_string", b"").decode("latin1").split("&")
-    end_with_session = "end=session" in query or (llm.settings.socket_end_session and "end=plain" not in query)
-    session = SocketSession(llm, send_text, personality, "format=json" in query, user, charge, end_with_session)
+    query = parse_qs(scope.get("query_string", b"").decode("latin1"))
+    flags = query.get("format", []) + query.get("end", [])
+    end_with_session = "session" in flags or (llm.settings.socket_end_session and "plain" not in flags)
+    owner = user if user != ANONYMOUS else f"addr:{_address(scope)}"  # who may resume (not the address alone:
+    # a phone that changes network keeps its cookie identity)
+    session = SocketSession(llm, send_text, personality, "json" in flags, user, charge, end_with_session,
+                            registry.answers, owner)
     if await loop.run_in_executor(registry.executor, session.refuse_unknown_personality):
         await send({"type": "websocket.close", "code": 1000})
         return
     prompts: asyncio.Queue = asyncio.Queue()
+    if session.answers is not None and query.get("resume"):
+        resumed = session.answers.claim(query["resume"][0], owner)
+        session.current = resumed  # at once, so a |STOP| that follows the reconnection stops it
+        prompts.put_nowait((resumed, _int(query.get("after", ["0"])[0])))
 
     async def answer_in_turn() -> None:
-        while (message := await prompts.get()) is not None:
+        while (message := await prompts.get()) is not None and not session.closed.is_set():
+            work = (session.resume, *message) if isinstance(message, tuple) else (session.answer, message)
             try:
-                await loop.run_in_executor(registry.executor, session.answer, message)
+                await loop.run_in_executor(registry.executor, *work)
             except Exception:  # the client went away mid-answer, or a bug: never leave the socket unserved
                 if session.closed.is_set():
                     return
@@ -287,9 +356,12 @@ async def _converse(llm, registry, scope, receive, send, user, charge, personali
     finally:
         session.close()
         prompts.put_nowait(None)
-        try:
-            await worker
-        except Exception:  # noqa: BLE001 - the client is gone; sends to it fail
-            pass
+        if isinstance(session.current, Answer):  # detached: it runs on (or is cancelled) without this socket
+            registry.keep(worker)
+        else:
+            try:
+                await worker
+            except Exception:  # noqa: BLE001 - the client is gone; sends to it fail
+                pass
         if llm.chat.observer is not None:
             llm.chat.observer.websocket_closed(path=scope["path"], duration=time.monotonic() - started, user=user)
