@@ -24,6 +24,7 @@ from llm.engine import Engine, GenerationRequest, GrammarConstraint, Handle, Jso
 from llm.errors import BadRequest, PayloadTooLarge
 from llm.models import ModelSpec
 from llm.personalities import Personality
+from llm.store import LAST
 from llm.tools import ToolFormat, ToolUse, model_history, tool_format
 
 MAX_PROMPT_CHARS = 200_000
@@ -87,6 +88,7 @@ class ActiveTurn:
     error: Exception | None = None
     assistant_turn: Turn | None = None
     tools: ToolUse | None = None  # the request's tools in the model's format (for reading the answer)
+    parent: Any = LAST  # the message this exchange continues (an edit or a regeneration branches off)
 
     def pieces(self) -> Iterator[str]:
         """The answer's text pieces; the service's observer hears about the turn once it ends, however it ends."""
@@ -102,12 +104,15 @@ class ActiveTurn:
                 self.service.observer.turn_finished(self)
 
     def finish(self) -> None:
-        """Keep the exchange (a stopped answer keeps what the user saw) with the answer's figures."""
+        """Keep the exchange (a stopped answer keeps what the user saw) with the answer's figures; a regenerated
+        answer joins the question it answers again."""
         if self.conversation is None or self.handle.error is not None:
             return
         self.assistant_turn = Turn("assistant", self.text, sources=self.sources)
-        self.service.store.append(self.conversation, [self.user_turn, self.assistant_turn],
-                                  self.handle.usage.as_dict())
+        regenerated = self.user_turn.message_id is not None
+        self.service.store.append(self.conversation,
+                                  [self.assistant_turn] if regenerated else [self.user_turn, self.assistant_turn],
+                                  self.handle.usage.as_dict(), parent=self.parent)
 
     def cancel(self) -> None:
         self.handle.cancel()
@@ -132,21 +137,30 @@ class ChatService:
               remember: bool = True, constraint: JsonConstraint | None = None, extra_context: str = "",
               sampling: dict[str, Any] | None = None, on_status: Callable[[str], None] | None = None,
               system_prompt: str | None = None, channel: str = "", user: str | None = None,
-              timeout: float | None = None) -> ActiveTurn:
-        """Prepare and submit one turn; raises the ServiceError that stops it before generation."""
+              timeout: float | None = None, regenerate: bool = False, edit: int | None = None) -> ActiveTurn:
+        """Prepare and submit one turn; raises the ServiceError that stops it before generation.
+
+        ``regenerate``: answer the conversation's last question again (a new variant of its answer; ``prompt``
+        is ignored); ``edit``: ``prompt`` replaces the question with that message id (a new variant of it, the
+        conversation continuing from there). Earlier variants are kept (``ConversationStore.choose``)."""
         personality = self.personalities.get(personality_name)
-        prompt = check_prompt(prompt)
         spec = self.spec_for(personality)
-        self._check_prompt_tokens(spec, prompt)
         params = sampling_for(personality, sampling)
-        question, context, sources, notices = self._prepare(personality, spec, prompt, on_status)
-        if extra_context:
-            context = f"{extra_context}\n\n{context}".strip()
-        user_turn = Turn("user", self._user_content(personality, question, context), display=prompt,
-                         sources=sources)
         conversation = self.store.open(conversation_id, personality.name, user or ANONYMOUS) if remember else None
-        if conversation is not None and not conversation.title:
-            conversation.title = title_of(question)
+        if regenerate:
+            user_turn, parent = _last_question(conversation)
+            sources, notices = user_turn.sources, []
+        else:
+            prompt = check_prompt(prompt)
+            self._check_prompt_tokens(spec, prompt)
+            question, context, sources, notices = self._prepare(personality, spec, prompt, on_status)
+            if extra_context:
+                context = f"{extra_context}\n\n{context}".strip()
+            user_turn = Turn("user", self._user_content(personality, question, context), display=prompt,
+                             sources=sources)
+            parent = _branch_before(conversation, edit) if edit is not None else LAST
+            if conversation is not None and not conversation.title:
+                conversation.title = title_of(question)
         system = system_prompt if system_prompt is not None else personality.system_prompt
         messages, trimmed = self._fit(personality, spec, conversation, system, user_turn, params)
         handle = self.engine.submit(GenerationRequest(
@@ -154,7 +168,7 @@ class ChatService:
             conversation=conversation.key if conversation else None, timeout=timeout,
             **self._privacy(personality, user)))
         return ActiveTurn(self, conversation, user_turn, handle, trimmed, sources, notices, personality.name, channel,
-                          user)
+                          user, parent=parent)
 
     def start_messages(self, personality_name: str, messages: Any, *, constraint: JsonConstraint | None = None,
                        sampling: dict[str, Any] | None = None, channel: str = "openai",
@@ -304,6 +318,33 @@ class ChatService:
 
 
 ROLES = ("system", "user", "assistant")
+
+
+def _last_question(conversation: Conversation | None) -> tuple[Turn, int]:
+    """For a regeneration: the last question as the model read it (the path now ends before it) and its id."""
+    turns = conversation.turns if conversation is not None else []
+    if len(turns) < 2 or turns[-2].role != "user":
+        raise BadRequest("There is no answer to regenerate in this conversation yet.")
+    question = turns[-2]
+    _truncate(conversation, len(turns) - 2)
+    return question, question.message_id
+
+
+def _branch_before(conversation: Conversation | None, message_id: int) -> int | None:
+    """For an edit: the path now ends before that question; returns the message the new question follows."""
+    turns = conversation.turns if conversation is not None else []
+    index = next((i for i, turn in enumerate(turns) if turn.message_id == message_id and turn.role == "user"), None)
+    if index is None:
+        raise BadRequest(f"Message {message_id} is not one of this conversation's questions.")
+    _truncate(conversation, index)
+    return turns[index - 1].message_id if index else None
+
+
+def _truncate(conversation: Conversation, length: int) -> None:
+    """Keep the first ``length`` turns; a summary of trimmed turns that are no longer on the path goes too."""
+    conversation.turns = conversation.turns[:length]
+    if conversation.first_kept > length:
+        conversation.first_kept, conversation.summary = length, ""
 
 
 def with_system_prompt(messages: list[dict], personality: Personality, tools: ToolUse | None) -> list[dict]:

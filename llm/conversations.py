@@ -31,11 +31,13 @@ class Turn:
     message_id: int | None = None
     rating: int | None = None
     comment: str | None = None
+    variants: list[int] = field(default_factory=list)  # ids of this turn and its siblings (edits, regenerations)
 
     def public(self) -> dict[str, Any]:
         return {"id": self.message_id, "role": self.role,
                 "content": self.display if self.display is not None else self.content,
-                "sources": self.sources, "rating": self.rating, "comment": self.comment}
+                "sources": self.sources, "rating": self.rating, "comment": self.comment,
+                "variants": self.variants if len(self.variants) > 1 else []}
 
 
 @dataclass

@@ -46,7 +46,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "UPDATE conversations SET client_id = id",
         "CREATE UNIQUE INDEX conversations_owner_id ON conversations (user_id, client_id)",
     ),
+    (  # messages form a tree (edits and regenerations are siblings); the visible path follows, from each
+        # message, the child chosen most recently. "position" is now the order of insertion, not of the path.
+        "ALTER TABLE messages ADD COLUMN parent_id INTEGER",
+        "ALTER TABLE messages ADD COLUMN chosen DOUBLE PRECISION",
+        "UPDATE messages SET chosen = created, parent_id = (SELECT p.id FROM messages p WHERE "
+        "p.conversation_id = messages.conversation_id AND p.position = messages.position - 1)",
+    ),
 )
+LAST = object()  # append's default parent: the last turn of the conversation's path
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +194,9 @@ class SqlConversationStore:
     def _load(self, cur, key: str) -> Conversation:
         row = cur.execute("SELECT personality, user_id, title, created, updated, first_kept, summary, client_id "
                           "FROM conversations WHERE id = ?", (key,)).one()
-        turns = [
-            Turn(role, content, display, json.loads(sources), message_id=ident, rating=rating, comment=comment)
-            for ident, role, content, display, sources, rating, comment in cur.execute(
-                "SELECT id, role, content, display, sources, rating, feedback_comment FROM messages "
-                "WHERE conversation_id = ? "
-                "ORDER BY position", (key,)).all()
-        ]
-        return Conversation(row[7], row[0], turns=turns, first_kept=row[5], summary=row[6], created=row[3],
+        rows = cur.execute("SELECT id, parent_id, chosen, role, content, display, sources, rating, feedback_comment "
+                           "FROM messages WHERE conversation_id = ? ORDER BY position", (key,)).all()
+        return Conversation(row[7], row[0], turns=_path(rows), first_kept=row[5], summary=row[6], created=row[3],
                             updated=row[4], user=row[1], title=row[2], key=key)
 
     def _create(self, cur, conversation: Conversation, now: float) -> None:
@@ -205,10 +208,15 @@ class SqlConversationStore:
                                        (conversation.user, conversation.id)).one()[0]
         conversation.stored = True
 
-    def append(self, conversation: Conversation, turns: Sequence[Turn], usage: dict[str, Any] | None = None) -> None:
-        """Add turns (with the assistant's usage figures) and the conversation's trimming state."""
+    def append(self, conversation: Conversation, turns: Sequence[Turn], usage: dict[str, Any] | None = None,
+               parent: Any = LAST) -> None:
+        """Add turns (with the assistant's usage figures) and the conversation's trimming state. They continue
+        ``parent`` (a message id; None: the first turn; by default the last turn of the conversation's path), so
+        an edited question or a regenerated answer becomes a sibling of the one it replaces, and the path."""
         usage = usage or {}
         now = time.time()
+        if parent is LAST:
+            parent = conversation.turns[-1].message_id if conversation.turns else None
         with self.db.transaction() as cur:
             if not conversation.stored:
                 self._create(cur, conversation, now)
@@ -220,21 +228,46 @@ class SqlConversationStore:
             for turn in turns:
                 figures = usage if turn.role == "assistant" else {}
                 row = cur.execute(
-                    "INSERT INTO messages (conversation_id, position, role, content, display, prompt_tokens, "
-                    "completion_tokens, time_to_first_token, tokens_per_second, sources, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                    (conversation.key, position, turn.role, turn.content, turn.display,
+                    "INSERT INTO messages (conversation_id, position, parent_id, chosen, role, content, display, "
+                    "prompt_tokens, completion_tokens, time_to_first_token, tokens_per_second, sources, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                    (conversation.key, position, parent, now, turn.role, turn.content, turn.display,
                      figures.get("prompt_tokens"), figures.get("completion_tokens"),
                      figures.get("time_to_first_token"), figures.get("tokens_per_second"),
                      json.dumps(turn.sources), now)).one()
-                turn.message_id = row[0]
+                turn.message_id = parent = row[0]
                 position += 1
             title = conversation.title or self._title(turns)
             cur.execute("UPDATE conversations SET updated = ?, first_kept = ?, summary = ?, title = ? WHERE id = ?",
                         (now, conversation.first_kept, conversation.summary, title, conversation.key))
-            cur.execute("UPDATE messages SET trimmed = TRUE WHERE conversation_id = ? AND position < ?",
-                        (conversation.key, conversation.first_kept))
+            trimmed = [turn.message_id for turn in conversation.turns[:conversation.first_kept]]
+            if trimmed:
+                cur.execute(f"UPDATE messages SET trimmed = TRUE WHERE id IN ({', '.join('?' * len(trimmed))})",
+                            trimmed)
         conversation.updated, conversation.title = now, title
+
+    def choose(self, conversation_id: str, user: str, message_id: int) -> Conversation:
+        """Show another variant: the path goes through ``message_id`` (and on through what was last chosen below
+        it). Turns trimmed from the model's context on the old path stay trimmed only where the paths agree."""
+        with self.db.transaction() as cur:
+            key = self._owned(cur, conversation_id, user)
+            before = self._load(cur, key)
+            parents = dict(cur.execute("SELECT id, parent_id FROM messages WHERE conversation_id = ?", (key,)).all())
+            if message_id not in parents:
+                raise NotFound(f"Unknown message {message_id} in conversation '{conversation_id}'.")
+            chain, ident, now = [], message_id, time.time()
+            while ident is not None:
+                chain.append(ident)
+                ident = parents[ident]
+            cur.execute(f"UPDATE messages SET chosen = ? WHERE id IN ({', '.join('?' * len(chain))})", (now, *chain))
+            after = self._load(cur, key)
+            shared = next((i for i, (a, b) in enumerate(zip(before.turns, after.turns, strict=False))
+                           if a.message_id != b.message_id), min(len(before.turns), len(after.turns)))
+            if shared < after.first_kept:  # the summary and the trimming were of turns no longer shown
+                after.first_kept, after.summary = min(after.first_kept, shared), ""
+                cur.execute("UPDATE conversations SET first_kept = ?, summary = ? WHERE id = ?",
+                            (after.first_kept, "", key))
+        return after
 
     @staticmethod
     def _title(turns: Sequence[Turn]) -> str:
@@ -303,7 +336,7 @@ class SqlConversationStore:
         """Every rated answer with its question, for evaluating models from human judgement."""
         sql = ("SELECT c.client_id, c.personality, c.user_id, a.id, q.content, q.display, a.content, a.rating, "
                "a.feedback_comment, a.feedback_at FROM messages a JOIN conversations c ON c.id = a.conversation_id "
-               "LEFT JOIN messages q ON q.conversation_id = a.conversation_id AND q.position = a.position - 1 "
+               "LEFT JOIN messages q ON q.id = a.parent_id "
                "WHERE a.rating IS NOT NULL")
         params: tuple = ()
         if user is not None:
@@ -313,6 +346,23 @@ class SqlConversationStore:
         return [{"conversation": r[0], "personality": r[1], "user": r[2], "message_id": r[3],
                  "question": r[5] if r[5] is not None else r[4], "answer": r[6], "rating": r[7], "comment": r[8],
                  "at": r[9]} for r in rows]
+
+
+def _path(rows: Sequence[tuple]) -> list[Turn]:
+    """The visible turns of a message tree: from the root down, at each step the child chosen most recently;
+    each turn knows its siblings (the variants shown as 1/2, 2/2)."""
+    children: dict[Any, list[tuple]] = {}
+    for row in rows:  # rows come in insertion order, so siblings are listed oldest first
+        children.setdefault(row[1], []).append(row)
+    turns, parent = [], None
+    while parent in children:
+        siblings = children[parent]
+        chosen = max(siblings, key=lambda row: row[2] or 0.0)
+        ident, _, _, role, content, display, sources, rating, comment = chosen
+        turns.append(Turn(role, content, display, json.loads(sources), message_id=ident, rating=rating,
+                          comment=comment, variants=[row[0] for row in siblings]))
+        parent = ident
+    return turns
 
 
 class RetentionSweeper:

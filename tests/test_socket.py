@@ -174,3 +174,52 @@ def test_concurrent_sockets_each_get_their_own_answer(live_fake, fake_engine, cl
     by_conversation = {r.conversation: r.messages[-1]["content"] for r in fake_engine.requests}
     for index in range(clients):
         assert by_conversation[store.get(f"client-{index}").key] == f"Hello {index}"
+
+
+def test_regenerate_answers_the_last_question_again_as_a_variant(live_fake, fake_engine):
+    store = live_fake.app.extensions["llm"].store
+    ws = connect(live_fake, query="?format=json")
+    fake_engine.script(["First answer."])
+    ws.send("|SESSION|regen-1|/SESSION|Question?")
+    first = read_json_answer(ws)[-1]
+    fake_engine.script(["Second answer."])
+    ws.send("|REGENERATE|")
+    second = read_json_answer(ws)[-1]
+    ws.close()
+    request = fake_engine.requests[-1]
+    assert [m["content"] for m in request.messages[1:]] == ["Question?"]  # not the first answer, not twice
+    assert request.conversation == fake_engine.requests[0].conversation  # the same cache
+    assert second["question_id"] == first["question_id"]
+    turns = store.get("regen-1", "anonymous").public()["turns"]
+    assert [t["content"] for t in turns] == ["Question?", "Second answer."]
+    assert turns[1]["variants"] == [first["message_id"], second["message_id"]]
+
+
+def test_edit_replaces_a_question_and_keeps_the_earlier_branch(live_fake, fake_engine, client):
+    ws = connect(live_fake, query="?format=json")
+    ws.send("|SESSION|edit-1|/SESSION|One")
+    one = read_json_answer(ws)[-1]["question_id"]
+    ws.send("Two")
+    read_json_answer(ws)
+    ws.send(f"|EDIT|{one}|/EDIT|Uno")
+    read_json_answer(ws)
+    ws.send("|EDIT|123456789|/EDIT|Nope")  # not a question of this conversation
+    refused = read_json_answer(ws)
+    ws.close()
+    ws = connect(live_fake, query="?format=json")
+    ws.send("|SESSION|edit-2|/SESSION||REGENERATE|")  # nothing to regenerate in a new conversation
+    nothing = read_json_answer(ws)
+    ws.close()
+    assert [m["content"] for m in fake_engine.requests[-1].messages[1:]] == ["Uno"]
+    refused, nothing = (next(f for f in frames if f["type"] == "error") for frames in (refused, nothing))
+    assert refused["status"] == 400 and "not one of this conversation's questions" in refused["message"]
+    assert nothing["status"] == 400 and "no answer to regenerate" in nothing["message"]
+    with client.get("/conversations/edit-1") as response:
+        turns = response.get_json()["turns"]
+    assert [t["content"] for t in turns] == ["Uno", "Hello from the fake engine."]
+    assert turns[0]["variants"][0] == one
+    with client.post(f"/conversations/edit-1/messages/{one}/choose") as response:
+        assert [t["content"] for t in response.get_json()["turns"]] == [
+            "One", "Hello from the fake engine.", "Two", "Hello from the fake engine."]
+    with client.post("/conversations/edit-1/messages/99999999/choose") as response:
+        assert response.status_code == 404 and response.get_json()["error"]["type"] == "not_found"

@@ -46,6 +46,79 @@ def test_turns_survive_a_new_store_instance(database_url):
     second.close()
 
 
+def path(conversation) -> list[str]:
+    return [turn.content for turn in conversation.turns]
+
+
+def test_variants_form_a_tree_and_choosing_one_shows_its_branch(store):
+    cid = unique("tree")
+    conversation = store.open(cid, "greedy", "alice")
+    store.append(conversation, [Turn("user", "One"), Turn("assistant", "A1")])
+    conversation = store.open(cid, "greedy", "alice")
+    store.append(conversation, [Turn("user", "Two"), Turn("assistant", "A2")])
+    conversation = store.open(cid, "greedy", "alice")
+    one, a1, two, a2 = (turn.message_id for turn in conversation.turns)
+    store.append(conversation, [Turn("assistant", "A2 again")], parent=two)  # a regeneration
+    assert path(store.get(cid, "alice")) == ["One", "A1", "Two", "A2 again"]
+    assert store.get(cid, "alice").turns[3].public()["variants"][0] == a2
+    store.append(conversation, [Turn("user", "Uno"), Turn("assistant", "B1")], parent=None)  # an edit of "One"
+    edited = store.get(cid, "alice")
+    assert path(edited) == ["Uno", "B1"] and edited.turns[0].variants[0] == one
+    assert edited.turns[1].public()["variants"] == []  # B1 has no siblings
+    back = store.choose(cid, "alice", one)  # the first question again: and below it, what was last shown
+    assert path(back) == ["One", "A1", "Two", "A2 again"] and path(store.get(cid, "alice")) == path(back)
+    assert path(store.choose(cid, "alice", a2)) == ["One", "A1", "Two", "A2"]
+    with pytest.raises(NotFound):
+        store.choose(cid, "bob", one)  # someone else's conversation is unknown
+    with pytest.raises(NotFound):
+        store.choose(cid, "alice", 10**12)
+
+
+def test_choosing_another_branch_forgets_a_summary_of_turns_no_longer_shown(store):
+    cid = unique("trim")
+    conversation = store.open(cid, "greedy", "alice")
+    store.append(conversation, [Turn("user", "One"), Turn("assistant", "A1")])
+    conversation = store.open(cid, "greedy", "alice")
+    conversation.first_kept, conversation.summary = 2, "They said one."
+    store.append(conversation, [Turn("user", "Two"), Turn("assistant", "A2")])
+    one, _, two, a2 = (turn.message_id for turn in store.get(cid, "alice").turns)
+    store.append(store.open(cid, "greedy", "alice"), [Turn("assistant", "A2 again")], parent=two)
+    chosen = store.choose(cid, "alice", a2)  # the paths agree on the trimmed turns: the summary still holds
+    assert (chosen.first_kept, chosen.summary) == (2, "They said one.")
+    store.append(store.open(cid, "greedy", "alice"), [Turn("user", "Uno"), Turn("assistant", "B1")], parent=None)
+    store.choose(cid, "alice", one)
+    chosen = store.choose(cid, "alice", store.get(cid, "alice").turns[0].variants[-1])
+    assert (chosen.first_kept, chosen.summary) == (0, "") and path(chosen) == ["Uno", "B1"]
+
+
+def test_conversations_from_before_variants_keep_their_order(tmp_path):
+    """A database written before messages had parents (schema version 2) reads as the same linear conversation."""
+    import sqlite3
+
+    from llm.store import MIGRATIONS
+
+    database = tmp_path / "old.db"
+    with sqlite3.connect(database) as db:
+        for statements in MIGRATIONS[:2]:
+            for statement in statements:
+                db.execute(statement.format(serial="INTEGER"))
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (2)")
+        db.execute("INSERT INTO conversations (id, client_id, personality, user_id, created, updated) "
+                   "VALUES ('k', 'old', 'greedy', 'alice', 1, 1)")
+        for position, (role, content) in enumerate([("user", "Q1"), ("assistant", "A1"), ("user", "Q2"),
+                                                    ("assistant", "A2")]):
+            db.execute("INSERT INTO messages (conversation_id, position, role, content, created) "
+                       "VALUES ('k', ?, ?, ?, 1)", (position, role, content))
+    db.close()
+    store = SqlConversationStore(f"sqlite:///{database}")
+    conversation = store.get("old", "alice")
+    assert path(conversation) == ["Q1", "A1", "Q2", "A2"]
+    store.append(conversation, [Turn("user", "Q3"), Turn("assistant", "A3")])
+    assert path(store.get("old", "alice"))[-2:] == ["Q3", "A3"]
+    store.close()
+
+
 def test_users_only_see_their_own(store):
     cid = unique("private")
     store.append(store.open(cid, "greedy", "alice"), [Turn("user", "hi"), Turn("assistant", "hello")])

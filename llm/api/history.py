@@ -92,6 +92,15 @@ def export_conversation(conversation_id: str):
                     headers={"Content-Disposition": f'attachment; filename="conversation-{safe}.{ext}"'})
 
 
+@blueprint.post("/conversations/<conversation_id>/messages/<int:message_id>/choose")
+def choose_variant(conversation_id: str, message_id: int):
+    """Show another variant of a message (an earlier question before it was edited, another regeneration of an
+    answer): the conversation continues from there. Answers with the conversation as it now reads."""
+    if message_id >= 2**63:
+        raise NotFound(f"Unknown message {message_id} in conversation '{conversation_id}'.")
+    return jsonify(services().store.choose(conversation_id, current_user(), message_id).public())
+
+
 @blueprint.post("/conversations/<conversation_id>/messages/<int:message_id>/feedback")
 def feedback(conversation_id: str, message_id: int):
     """Thumbs up or down, with an optional comment, on one answer."""

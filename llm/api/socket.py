@@ -7,7 +7,9 @@ reference design's later clients (``LLM_SOCKET_END_SESSION`` or ``?end=session``
 rich clients; each frame of an answer there also carries the answer's id and a sequence number, starting with a
 ``start`` frame, so a client whose connection dropped can resume it (``llm.api.answers``:
 ``?format=json&resume=<answer>&after=<seq>``). A first prompt starting ``|SESSION|<id>|/SESSION|`` names the
-conversation; ``|STOP|`` stops the answer in progress.
+conversation; ``|STOP|`` stops the answer in progress. ``|REGENERATE|`` answers the last question again and
+``|EDIT|<message id>|/EDIT|<text>`` replaces an earlier question (both keep the earlier variant: messages form a
+tree, see ``llm.store``).
 
 Served natively on the ASGI server (``llm.server``): frames are read by a coroutine, so an idle socket holds no
 thread and ``|STOP|`` or a disconnect reach the engine at its next step; an answer runs in a thread of a bounded
@@ -39,6 +41,8 @@ from llm.limits import HANDSHAKE, identity
 log = logging.getLogger(__name__)
 END, STOP = "<END>", "|STOP|"
 SESSION = re.compile(r"^\|SESSION\|(?P<id>[^|]*)\|/SESSION\|\s*", re.DOTALL)
+REGENERATE = "|REGENERATE|"
+EDIT = re.compile(r"^\|EDIT\|(?P<id>\d{1,18})\|/EDIT\|", re.DOTALL)
 ROUTE = re.compile(r"^/gpt-socket/(?P<personality>[^/]+)$")
 
 
@@ -127,6 +131,13 @@ class SocketSession:
                 raise BadRequest("Binary frames are not accepted; send the prompt as a text frame.")
             self.charge()
             prompt = self._take_session(message)
+            edit = EDIT.match(prompt)
+            if prompt.strip() == REGENERATE:
+                self._generate("", regenerate=True)
+                return
+            if edit is not None:
+                self._generate(prompt[edit.end():], edit=int(edit["id"]))
+                return
             if prompt.strip():
                 self._generate(prompt)
                 return
@@ -170,7 +181,8 @@ class SocketSession:
             self.conversation_id = self.llm.store.open(None, self.personality, self.user).id
         return self.conversation_id
 
-    def _generate(self, prompt: str) -> None:
+    def _generate(self, prompt: str, **branch: Any) -> None:
+        """One answer; ``branch``: ``regenerate=True`` or ``edit=<message id>`` (``ChatService.start``)."""
         frames = self.frames
         conversation = self._ensure_conversation()
         answer = None
@@ -180,7 +192,7 @@ class SocketSession:
             frames.send("start", conversation=conversation)
         turn = self.llm.chat.start(self.personality, prompt, conversation_id=conversation,
                                    on_status=lambda text: frames.send("status", message=text), channel="socket",
-                                   user=self.user)
+                                   user=self.user, **branch)
         if answer is not None:
             answer.turn = turn
         else:
@@ -198,7 +210,7 @@ class SocketSession:
         message_id = turn.assistant_turn.message_id if turn.assistant_turn else None
         frames.send("end", conversation=self.conversation_id, usage=turn.handle.usage.as_dict(),
                     finish_reason=turn.handle.finish_reason, trimmed_turns=turn.trimmed, message_id=message_id,
-                    notices=turn.notices)
+                    question_id=turn.user_turn.message_id, notices=turn.notices)
 
 
 class SocketRegistry:
