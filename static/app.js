@@ -12,7 +12,7 @@
  */
 
 import * as api from './api.js';
-import { $, announce, element, nearBottom, plural, scrollToEnd } from './dom.js';
+import { $, announce, element, nearBottom, plural, scrollToEnd, speak } from './dom.js';
 import * as history from './history.js';
 import * as view from './messages.js';
 import { setUpTheme } from './theme.js';
@@ -26,7 +26,8 @@ const ui = {
   bannerText: $('banner-text'), reconnectNow: $('reconnect-now'),
   composer: $('composer'), prompt: $('prompt'), send: $('send'), stop: $('stop'),
   contextToggle: $('context-toggle'), contextPanel: $('context-panel'), context: $('context'),
-  regenerate: $('regenerate'), statusLive: $('status-live'),
+  regenerate: $('regenerate'), statusLive: $('status-live'), shortcuts: $('shortcuts'),
+  shortcutsButton: $('shortcuts-button'),
 };
 
 const state = {
@@ -54,7 +55,8 @@ function addAnswer(prompt) {
   const article = view.appendMessage('assistant', 'Answer');
   const answer = {
     prompt, article, conversationId: state.conversationId, text: '', statuses: [], sources: [], stopped: false,
-    done: false, id: null, seq: 0, rendering: false, body: element('div', 'body markdown'), status: element('p', 'status-line'),
+    done: false, id: null, seq: 0, spoken: 0, rendering: false, // spoken: how much the live region has read
+    body: element('div', 'body markdown'), status: element('p', 'status-line'),
   };
   article.setAttribute('aria-busy', 'true');
   answer.status.append(element('span', 'spinner'), element('span', 'status-text', 'Thinking…'));
@@ -66,10 +68,24 @@ function addAnswer(prompt) {
 function appendToken(answer, text) {
   answer.text += text;
   if (answer.text.trim()) answer.status.hidden = true;
+  speakSentences(answer, false);
   if (answer.rendering) return;
   answer.rendering = true; // one render per frame, however many tokens arrived
   // A finished answer was rendered once more by finishAnswer (and got its code copy buttons): leave it.
   window.requestAnimationFrame(() => { answer.rendering = false; if (!answer.done) renderAnswer(answer); });
+}
+
+/** Screen readers hear the answer as it streams, a finished sentence (or line) at a time; `all`: the rest too. */
+function speakSentences(answer, all) {
+  const pending = answer.text.slice(answer.spoken);
+  let end = pending.length;
+  if (!all) {
+    const boundaries = [...pending.matchAll(/[.!?…:;](?=\s)|\n/g)];
+    if (!boundaries.length) return;
+    end = boundaries[boundaries.length - 1].index + 1;
+  }
+  speak(pending.slice(0, end));
+  answer.spoken += end;
 }
 
 function renderAnswer(answer) {
@@ -109,6 +125,8 @@ function finishAnswer(answer, end = {}, note = '') {
   answer.article.removeAttribute('aria-busy');
   if (!answer.text && !answer.error && !note) answer.body.append(element('p', 'empty', '(no answer)'));
   view.addSources(answer.article, answer.sources);
+  if (end.message_id != null) answer.article.dataset.messageId = end.message_id;
+  if (end.question_id != null && answer.question) view.addQuestionTools(answer.question, end.question_id);
   const stopped = answer.stopped || end.finish_reason === 'cancelled' ? 'Stopped' : '';
   const length = end.finish_reason === 'length' ? 'Cut off at the length limit' : '';
   view.addFooter(answer.article, answer.text, {
@@ -117,10 +135,12 @@ function finishAnswer(answer, end = {}, note = '') {
     feedback: { conversationId: answer.conversationId, messageId: end.message_id },
   });
   if (state.current === answer) setStreaming(null);
-  announce(answer.error || `Answer: ${answer.body.textContent.trim()}${stopped ? ' (stopped)' : ''}`);
+  speakSentences(answer, true);
+  announce(answer.error || (stopped ? 'Answer stopped.' : 'Answer finished.'));
   ui.statusLive.textContent = '';
   scrollToEnd(nearBottom());
   if (end.message_id != null) history.refresh(); // a new conversation joins the list, an old one moves up
+  if (answer.branch && end.message_id != null) redraw(); // shows the versions (1/2, 2/2) the server now keeps
 }
 
 function setStreaming(answer) {
@@ -136,7 +156,9 @@ function setStreaming(answer) {
   if (!busy && (hadFocus === ui.stop || hadFocus === document.body)) ui.prompt.focus();
 }
 
-function sendPrompt(prompt) {
+/** Ask a question; `branch` {edit: id} replaces an earlier question, {regenerate: true} answers the last
+ * one again (both kept by the server as versions). */
+function sendPrompt(prompt, branch = null) {
   if (state.current) return false;
   if (!state.open) {
     showBanner('Not connected to the server yet. Reconnecting…', true);
@@ -145,12 +167,58 @@ function sendPrompt(prompt) {
   }
   state.lastPrompt = prompt;
   state.fresh = null; // from now on the server has turns to give back
-  view.addUserMessage(prompt);
+  const question = branch && branch.regenerate ? null : view.addUserMessage(prompt);
   const answer = addAnswer(prompt);
-  state.socket.send(sessionMarker() + prompt); // the marker is harmless when bound and guards literal text
+  Object.assign(answer, { question, branch });
+  let command = '';
+  if (branch) command = branch.regenerate ? '|REGENERATE|' : `|EDIT|${branch.edit}|/EDIT|${prompt}`;
+  // the session marker is harmless when bound and guards literal text
+  state.socket.send(sessionMarker() + (command || prompt));
   state.expecting.push({ kind: 'answer', answer });
   setStreaming(answer);
   return true;
+}
+
+/** Regenerate: a stored answer gets another version; one that failed (never stored) is asked again. */
+function regenerateAnswer() {
+  if (state.current || !state.lastPrompt || !state.open) return;
+  const last = view.lastAnswer();
+  if (last && last.dataset.messageId) {
+    last.remove();
+    sendPrompt(state.lastPrompt, { regenerate: true });
+    return;
+  }
+  if (last) { // the failed exchange leaves the view; asked again, it continues the stored conversation
+    const question = last.previousElementSibling;
+    if (question && question.classList.contains('user')) question.remove();
+    last.remove();
+  }
+  sendPrompt(state.lastPrompt);
+}
+
+/** Edit: the conversation from that question on is replaced in view (the server keeps it as a version). */
+function editQuestion(messageId, text, article) {
+  if (state.current || !state.open) return false;
+  while (article.nextElementSibling) article.nextElementSibling.remove();
+  article.remove();
+  return sendPrompt(text, { edit: messageId });
+}
+
+/** Show another version of a message: the server answers with the conversation as it now reads. */
+async function chooseVariant(messageId) {
+  if (state.current) return;
+  const id = state.conversationId;
+  try {
+    const data = await api.json(`/conversations/${encodeURIComponent(id)}/messages/${messageId}/choose`,
+      { method: 'POST' });
+    if (id !== state.conversationId) return;
+    renderConversation(data);
+    const shown = document.querySelector(`[data-message-id="${messageId}"] .variant-count`);
+    announce(`Showing version ${shown ? shown.textContent : ''}.`);
+    if (shown) shown.closest('.variants').querySelector('button:not(:disabled)')?.focus();
+  } catch (error) {
+    view.showNotice(`That version could not be shown: ${error.message}`, 'error');
+  }
 }
 
 function stopAnswer() {
@@ -245,8 +313,9 @@ function onError(head, frame) {
   if (head && head.resumed && frame.status === 410) {
     // Kept no longer: the stored conversation has the answer as far as it got.
     state.expecting.shift();
-    selectPersonality(state.personality.name, state.conversationId);
-    view.showNotice('The connection was lost for too long to continue that answer; here is the conversation as the server kept it.');
+    setStreaming(null);
+    redraw().then(() => view.showNotice(
+      'The connection was lost for too long to continue that answer; here is the conversation as the server kept it.'));
   } else if (head && head.kind === 'answer') {
     failAnswer(head.answer, errorText(frame));
   } else if (head && head.kind === 'bind' && frame.status === 400) {
@@ -334,17 +403,31 @@ async function restoreHistory() {
     return true;
   }
   if (serial !== state.serial) return false;
+  renderConversation(data, false);
+  return true;
+}
+
+/** The stored turns of the current conversation (`clear`: instead of what is shown). */
+function renderConversation(data, clear = true) {
+  if (clear) view.showIntro(state.personality.intro);
   if (data.trimmed_turns > 0) {
     view.showNotice(`${plural(data.trimmed_turns, 'earlier message')} ${data.trimmed_turns === 1 ? 'is' : 'are'} `
       + "no longer in the model's context.");
   }
+  state.lastPrompt = null;
   for (const turn of data.turns || []) {
     if (turn.role === 'user') state.lastPrompt = turn.content;
-    view.renderStoredTurn(turn, id);
+    view.renderStoredTurn(turn, state.conversationId);
   }
   ui.regenerate.hidden = !state.lastPrompt;
   scrollToEnd(true);
-  return true;
+}
+
+/** Show the conversation as the server keeps it (after an edit or a regeneration: with its versions). */
+async function redraw() {
+  const id = state.conversationId;
+  const data = await api.json(`/conversations/${encodeURIComponent(id)}`).catch(() => null);
+  if (data && id === state.conversationId && !state.current) renderConversation(data);
 }
 
 /** Show a personality with the given conversation, or the one it had last (or a new one). */
@@ -441,11 +524,10 @@ function bindEvents() {
     }
   });
   ui.prompt.addEventListener('input', autoGrow);
-  document.addEventListener('keydown', (event) => {
-    if (event.key === 'Escape' && state.current) { event.preventDefault(); stopAnswer(); }
-  });
+  document.addEventListener('keydown', onShortcut);
+  ui.shortcutsButton.addEventListener('click', () => ui.shortcuts.showModal());
   ui.stop.addEventListener('click', stopAnswer);
-  ui.regenerate.addEventListener('click', () => state.lastPrompt && sendPrompt(state.lastPrompt));
+  ui.regenerate.addEventListener('click', regenerateAnswer);
   ui.newConversation.addEventListener('click', () => {
     if (!state.personality) return;
     startConversation(newId(), true);
@@ -458,6 +540,25 @@ function bindEvents() {
   ui.reconnectNow.addEventListener('click', reconnectNow);
   window.addEventListener('online', reconnectNow);
   api.onKeyChange(() => { if (!state.open) reconnectNow(); });
+}
+
+/** The keyboard shortcuts listed in the #shortcuts dialog. */
+function onShortcut(event) {
+  const typing = /^(INPUT|TEXTAREA|SELECT)$/.test(event.target.tagName) || event.target.isContentEditable;
+  const command = event.ctrlKey || event.metaKey;
+  if (event.key === 'Escape' && state.current && !ui.shortcuts.open) {
+    event.preventDefault();
+    stopAnswer();
+  } else if (command && event.shiftKey && event.key.toLowerCase() === 'o') {
+    event.preventDefault();
+    ui.newConversation.click();
+  } else if (!typing && !command && event.key === '/') {
+    event.preventDefault();
+    ui.prompt.focus();
+  } else if (!typing && event.key === '?' && !ui.shortcuts.open) {
+    event.preventDefault();
+    ui.shortcuts.showModal();
+  }
 }
 
 /** While the server is still loading (or assembling) its model, say so instead of leaving a dead page. */
@@ -476,6 +577,7 @@ async function watchModelLoading() {
 }
 
 setUpTheme($('theme-toggle'));
+view.setActions({ edit: editQuestion, choose: chooseVariant });
 bindEvents();
 history.initHistory({ open: openConversation, deleted: conversationDeleted });
 watchModelLoading();

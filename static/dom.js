@@ -24,6 +24,18 @@ export function announce(text) {
   window.setTimeout(() => { region.textContent = text; }, 50);
 }
 
+const SPOKEN_KEPT = 30; // pieces left in the answer's live region (older ones were read long ago)
+
+/** Read a piece of a streaming answer politely: each piece is added to a live region, so a screen reader reads
+ * it after what it is reading now, and nothing already read is read again. Markdown marks are left out. */
+export function speak(text) {
+  const plain = text.replace(/```[^\n]*\n?|[*_`#>|]+/g, ' ').replace(/\s+/g, ' ').trim();
+  if (!plain) return;
+  const region = $('answer-live');
+  region.append(element('p', '', plain));
+  while (region.childElementCount > SPOKEN_KEPT) region.firstElementChild.remove();
+}
+
 export function nearBottom() {
   const box = document.scrollingElement;
   return box.scrollHeight - box.scrollTop - box.clientHeight < 120;

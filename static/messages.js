@@ -15,6 +15,7 @@ const CONTEXT_PREFIX = /^\s*\|CONTEXT\|([\s\S]*?)\|\/CONTEXT\|\s*/;
 
 const container = $('messages');
 let language = '';
+let actions = { edit: null, choose: null }; // set by app.js: what Edit and the variant arrows do
 
 function highlight(code, lang) {
   const hljs = window.hljs;
@@ -40,6 +41,9 @@ export function renderMarkdown(text) {
 /** The personality's language, set on each message so screen readers pronounce it right. */
 export function setLanguage(lang) { language = lang || ''; }
 
+/** What editing a question (`edit(messageId, text, article)`) and choosing a variant (`choose(messageId)`) do. */
+export function setActions(handlers) { actions = handlers; }
+
 function splitContext(prompt) {
   const match = CONTEXT_PREFIX.exec(prompt);
   return match ? { context: match[1].trim(), question: prompt.slice(match[0].length) } : { context: '', question: prompt };
@@ -62,7 +66,72 @@ export function addUserMessage(prompt) {
     details.append(element('summary', '', 'Context added'), element('div', 'plain', context));
     article.append(details);
   }
+  article.dataset.prompt = prompt;
   scrollToEnd(true);
+  return article;
+}
+
+function smallButton(text, label, onClick) {
+  const button = element('button', 'button small ghost', text);
+  button.type = 'button';
+  if (label) button.setAttribute('aria-label', label);
+  button.addEventListener('click', onClick);
+  return button;
+}
+
+/** "‹ 2/3 ›": the variants of a message (earlier questions before an edit, earlier answers before a
+ * regeneration); the arrows show another one, and the conversation continues from there. */
+function variantNavigator(variants, id, what) {
+  const index = variants.indexOf(id);
+  const nav = element('div', 'variants');
+  nav.setAttribute('role', 'group');
+  nav.setAttribute('aria-label', `Versions of this ${what}`);
+  const previous = smallButton('‹', `Previous version of this ${what}`, () => actions.choose(variants[index - 1]));
+  const next = smallButton('›', `Next version of this ${what}`, () => actions.choose(variants[index + 1]));
+  previous.disabled = index <= 0;
+  next.disabled = index >= variants.length - 1;
+  const count = element('span', 'variant-count', `${index + 1}/${variants.length}`);
+  count.setAttribute('aria-label', `Version ${index + 1} of ${variants.length}`);
+  nav.append(previous, count, next);
+  return nav;
+}
+
+/** Under a stored question: Edit (and the versions, when it was edited before). */
+export function addQuestionTools(article, id, variants = []) {
+  article.dataset.messageId = id;
+  const tools = element('div', 'message-tools');
+  if (variants.length > 1) tools.append(variantNavigator(variants, id, 'question'));
+  tools.append(smallButton('Edit', 'Edit this question', () => editInPlace(article)));
+  article.append(tools);
+}
+
+/** The question becomes a text box; sending it asks it again in its place (the earlier version is kept). */
+function editInPlace(article) {
+  if (article.querySelector('.editor')) return;
+  const editor = element('form', 'editor');
+  const box = element('textarea', 'edit-box');
+  box.value = article.dataset.prompt || '';
+  box.setAttribute('aria-label', 'Edited question');
+  box.rows = Math.min(10, box.value.split('\n').length + 1);
+  const send = element('button', 'button primary small', 'Send');
+  send.type = 'submit';
+  const cancel = smallButton('Cancel', '', () => close());
+  const row = element('div', 'editor-row');
+  row.append(send, cancel);
+  editor.append(box, row);
+  const close = () => { editor.remove(); article.classList.remove('editing'); };
+  editor.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const text = box.value.trim();
+    if (text && actions.edit(Number(article.dataset.messageId), text, article) !== false) close();
+  });
+  box.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape') { event.preventDefault(); event.stopPropagation(); close(); }
+    if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) { event.preventDefault(); editor.requestSubmit(); }
+  });
+  article.classList.add('editing');
+  article.append(editor);
+  box.focus();
 }
 
 /** Empty the conversation and show the personality's introduction, if it has one. */
@@ -152,7 +221,9 @@ function usageDetails(usage) {
  * `feedback` is {conversationId, messageId, rating}.
  */
 export function addFooter(article, text, options = {}) {
-  const { usage = null, trimmed = 0, note = '', statuses = [], notices = [], feedback = null } = options;
+  const {
+    usage = null, trimmed = 0, note = '', statuses = [], notices = [], feedback = null, variants = [],
+  } = options;
   const bits = [note, usageText(usage)].filter(Boolean);
   const rated = feedback && feedback.messageId != null;
   for (const pre of article.querySelectorAll('.body pre')) {
@@ -160,6 +231,7 @@ export function addFooter(article, text, options = {}) {
   }
   if (text || bits.length || rated) {
     const footer = element('div', 'answer-footer');
+    if (variants.length > 1) footer.append(variantNavigator(variants, feedback.messageId, 'answer'));
     if (text) footer.append(copyButton(text));
     if (rated) footer.append(feedbackControls(article, feedback));
     const meta = element('p', 'meta', bits.join(' · '));
@@ -188,13 +260,22 @@ export function addFooter(article, text, options = {}) {
 /** One turn from GET /conversations/<id>, as it looked when it was answered. */
 export function renderStoredTurn(turn, conversationId) {
   if (turn.role === 'user') {
-    addUserMessage(turn.content);
+    addQuestionTools(addUserMessage(turn.content), turn.id, turn.variants || []);
     return;
   }
   const article = appendMessage('assistant', 'Answer');
+  article.dataset.messageId = turn.id;
   const body = element('div', 'body markdown');
   body.innerHTML = renderMarkdown(turn.content || '');
   article.append(body);
   addSources(article, turn.sources || []);
-  addFooter(article, turn.content || '', { feedback: { conversationId, messageId: turn.id, rating: turn.rating } });
+  addFooter(article, turn.content || '', {
+    feedback: { conversationId, messageId: turn.id, rating: turn.rating }, variants: turn.variants || [],
+  });
+}
+
+/** The last answer shown (not the introduction), if any. */
+export function lastAnswer() {
+  const shown = container.querySelectorAll('article.message.assistant:not(.intro)');
+  return shown.length ? shown[shown.length - 1] : null;
 }

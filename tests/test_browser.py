@@ -56,10 +56,10 @@ def browser():
         browser.close()
 
 
-def browser_context(browser, server):
+def browser_context(browser, server, **options):
     """A fresh browser context (own storage) pointed at a live server; page errors fail the test. It starts with
     an anonymous identity of its own (as its first page load would give it), known to the test as ``user``."""
-    context = browser.new_context(viewport=DESKTOP, base_url=server.url)
+    context = browser.new_context(viewport=DESKTOP, base_url=server.url, **options)
     ident = secrets.token_hex(16)
     with server.app.app_context():
         context.anonymous_cookie = anonymous_cookie(ident)
@@ -67,7 +67,7 @@ def browser_context(browser, server):
                           "httpOnly": True, "sameSite": "Strict"}])
     context.user = ANON_PREFIX + ident
     context.page_errors = []
-    context.on("weberror", lambda error: context.page_errors.append(str(error.error)))
+    context.on("weberror", lambda error: context.page_errors.append(f"{error.error} {error.error.stack}"))
     yield context
     context.close()
     assert context.page_errors == []
@@ -196,10 +196,24 @@ def test_answer_streams_in_as_markdown(page, fake_engine, cache_key):
     expect(answer.locator("pre > code")).to_have_text("print('hi')\n")
     expect(answer.locator("pre > code")).to_have_class("language-python")
     expect(answer.locator(".meta")).to_contain_text("13 tokens")
-    expect(page.locator("#announcer")).to_contain_text("Answer: Hello world.")
+    expect(page.locator("#announcer")).to_have_text("Answer finished.")
     request = fake_engine.requests[-1]
     assert request.messages[-1]["content"] == "Hi"
     assert request.conversation == cache_key(conversation_id(page))
+
+
+def test_screen_readers_hear_the_answer_a_sentence_at_a_time_as_it_streams(page, fake_engine):
+    fake_engine.delay = 0.1
+    fake_engine.script(["The **first** sentence.", " Then", " a", " second", " one.", *[f" w{i}" for i in range(15)]])
+    ask(page, "Hi")
+    live = page.locator("#answer-live")
+    expect(live).to_have_attribute("aria-live", "polite")
+    expect(live.locator("p").first).to_have_text("The first sentence.")  # read while the answer still streams
+    expect(answers(page).last).to_have_attribute("aria-busy", "true")
+    finished_answer(page)
+    assert live.locator("p").all_inner_texts() == ["The first sentence.", "Then a second one.",
+                                                  " ".join(f"w{i}" for i in range(15))]
+    expect(page.locator("#announcer")).to_have_text("Answer finished.")
 
 
 def test_keyboard_shift_enter_newline_enter_sends(page, fake_engine):
@@ -249,7 +263,7 @@ def test_reload_restores_history_then_continues_it(context, page, fake_engine, c
     first_id = conversation_id(page)
     page.reload()
     wait_connected(page)
-    expect(page.locator("article.message.user")).to_have_text("Remember me")
+    expect(page.locator("article.message.user .body")).to_have_text("Remember me")
     expect(answers(page).locator("strong")).to_have_text("this")
     expect(page.get_by_role("button", name="Copy answer")).to_have_count(1)
 
@@ -259,11 +273,80 @@ def test_reload_restores_history_then_continues_it(context, page, fake_engine, c
     assert request.conversation == cache_key(first_id) and first_id == conversation_id(page)
     assert [m["content"] for m in request.messages[1:]] == ["Remember me", "Remembered **this**.", "And now?"]
 
-    page.get_by_role("button", name="Regenerate").click()  # the last prompt again, as a new turn
+
+
+def test_regenerate_replaces_the_answer_and_keeps_each_version(page, fake_engine):
+    ask(page, "Question")
     finished_answer(page)
-    assert fake_engine.requests[-1].messages[-1]["content"] == "And now?"
-    assert len(fake_engine.requests[-1].messages) == 6
-    expect(answers(page)).to_have_count(3)
+    fake_engine.script(["A second opinion."])
+    page.get_by_role("button", name="Regenerate").click()  # the last answer again, not a new turn
+    expect(finished_answer(page).locator(".body")).to_have_text("A second opinion.")
+    assert [m["content"] for m in fake_engine.requests[-1].messages[1:]] == ["Question"]
+    expect(answers(page)).to_have_count(1)
+    expect(page.locator("article.message.user")).to_have_count(1)
+    versions = answers(page).last.get_by_role("group", name="Versions of this answer")
+    expect(versions).to_contain_text("2/2")
+    versions.get_by_role("button", name="Previous version of this answer").click()
+    expect(answers(page).last.locator(".body")).to_have_text("Hello from the fake engine.")
+    expect(answers(page).last.get_by_role("group", name="Versions of this answer")).to_contain_text("1/2")
+    ask(page, "Follow-up")  # the conversation goes on from the version shown
+    finished_answer(page)
+    assert [m["content"] for m in fake_engine.requests[-1].messages[1:]] == [
+        "Question", "Hello from the fake engine.", "Follow-up"]
+    page.reload()
+    wait_connected(page)
+    expect(answers(page).first.get_by_role("group", name="Versions of this answer")).to_contain_text("1/2")
+
+
+def test_edit_a_question_and_go_back_to_the_earlier_branch(page, fake_engine):
+    fake_engine.script(["About cats."])
+    ask(page, "Tell me about cats")
+    finished_answer(page)
+    ask(page, "And their whiskers?")
+    finished_answer(page)
+    question = page.locator("article.message.user").first
+    question.get_by_role("button", name="Edit this question").click()
+    box = question.get_by_label("Edited question")
+    expect(box).to_be_focused()
+    expect(box).to_have_value("Tell me about cats")
+    box.fill("Tell me about dogs")
+    fake_engine.script(["About dogs."])
+    box.press("Enter")
+    expect(finished_answer(page).locator(".body")).to_have_text("About dogs.")
+    assert [m["content"] for m in fake_engine.requests[-1].messages[1:]] == ["Tell me about dogs"]
+    expect(page.locator("article.message.user")).to_have_count(1)
+    versions = page.locator("article.message.user").first.get_by_role("group", name="Versions of this question")
+    expect(versions).to_contain_text("2/2")
+    shot(page, "edited-question-desktop.png")
+    versions.get_by_role("button", name="Previous version of this question").click()
+    expect(page.locator("article.message.user")).to_have_count(2)  # the whole earlier branch is back
+    expect(answers(page).first.locator(".body")).to_have_text("About cats.")
+    expect(page.locator("article.message.user").last).to_contain_text("And their whiskers?")
+
+
+def test_shortcuts_are_listed_and_work(page, fake_engine):
+    page.get_by_label("Message", exact=True).press("?")  # typed there, it is just a question mark
+    expect(page.get_by_role("dialog")).to_have_count(0)
+    page.evaluate("document.activeElement.blur()")
+    page.keyboard.press("?")
+    dialog = page.get_by_role("dialog", name="Keyboard shortcuts")
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text("New conversation")
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+    page.get_by_role("button", name="Shortcuts").click()
+    expect(dialog).to_be_visible()
+    dialog.get_by_role("button", name="Close").click()
+    page.evaluate("document.activeElement.blur()")
+    page.keyboard.press("/")
+    expect(page.get_by_label("Message", exact=True)).to_be_focused()
+    expect(page.get_by_label("Message", exact=True)).to_have_value("?")
+    ask(page, "Before")
+    finished_answer(page)
+    first = conversation_id(page)
+    page.keyboard.press("Control+Shift+O")
+    expect(page.locator("article.message.user")).to_have_count(0)
+    assert conversation_id(page) != first
 
 
 def test_model_output_cannot_run_script_or_inject_markup(page, fake_engine):
@@ -335,7 +418,7 @@ def test_personality_picker_describes_and_switches(page, fake_engine):
     assert conversation_id(page, "other") not in (None, conversation_id(page, "greedy"))
 
     page.get_by_label("Personality").select_option("greedy")  # each personality keeps its own conversation
-    expect(page.locator("article.message.user")).to_have_text("Hi greedy")
+    expect(page.locator("article.message.user .body")).to_have_text("Hi greedy")
 
 
 def test_context_field_and_url_hint(page, fake_engine):
@@ -573,16 +656,16 @@ def test_sidebar_lists_conversations_and_opens_older_ones(page, fake_engine, cac
     ask(page, "Other topic")
     finished_answer(page)
     page.get_by_label("Personality").select_option("greedy")
-    expect(page.locator("article.message.user")).to_have_text("Second topic")
+    expect(page.locator("article.message.user .body")).to_have_text("Second topic")
 
     open_listed(page, "Other topic")  # switches the personality to the conversation's own
     expect(page.get_by_label("Personality")).to_have_value("other")
     expect(page.locator("article.intro")).to_have_text("Other intro.")
-    expect(page.locator("article.message.user")).to_have_text("Other topic")
+    expect(page.locator("article.message.user .body")).to_have_text("Other topic")
 
     open_listed(page, "First topic")
     expect(page.get_by_label("Personality")).to_have_value("greedy")
-    expect(page.locator("article.message.user")).to_have_text("First topic")
+    expect(page.locator("article.message.user .body")).to_have_text("First topic")
     expect(answers(page)).to_have_count(1)
     expect(first.locator(".conversation-open")).to_have_attribute("aria-current", "true")
     assert conversation_id(page) == first_id
@@ -653,7 +736,7 @@ def test_history_pages_with_load_more(live_fake, context):
     context.add_init_script(  # about:blank runs it too, without storage
         "try { localStorage.setItem('llm.chat.conversation.greedy', 'seed21'); } catch {}")
     page = open_chat(context)
-    expect(page.locator("article.message.user")).to_have_text("Seeded question 21")
+    expect(page.locator("article.message.user .body")).to_have_text("Seeded question 21")
     expect(history_items(page)).to_have_count(20)
     expect(history_items(page).first.locator(".conversation-open")).to_have_attribute("aria-current", "true")
     expect(history_items(page).first.locator("time")).to_have_text("16 minutes ago")
@@ -817,7 +900,7 @@ def test_layout_desktop_and_phone(live_fake, context, fake_engine):
     toggle.click()  # opening a conversation from the drawer closes it
     open_listed(page, "Explain SQLite WAL mode")
     expect(nav).to_be_hidden()
-    expect(page.locator("article.message.user")).to_have_text("Explain SQLite WAL mode")
+    expect(page.locator("article.message.user .body")).to_have_text("Explain SQLite WAL mode")
 
 
 def assert_no_horizontal_scroll(page, size):
@@ -907,3 +990,79 @@ def test_code_is_highlighted_and_each_block_has_a_copy_button(page, fake_engine)
     answer.get_by_role("button", name="Copy code").first.click()
     expect(answer.get_by_role("button", name="Copy code").first).to_have_text("Copied")
     assert "def greet(name):" in page.evaluate("navigator.clipboard.readText()")
+
+
+AXE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"
+
+
+def audit(page, view: str) -> None:
+    """axe-core (vendored) on the page as it is now: no serious or critical violation (WCAG 2.x A and AA rules,
+    contrast included)."""
+    if not page.evaluate("typeof window.axe === 'object'"):
+        page.add_script_tag(path=str(AXE))
+    checked, result = page.evaluate("""async () => {
+        const { violations, passes } = await axe.run(document);
+        return [passes.length, violations.filter((v) => v.impact === 'serious' || v.impact === 'critical')
+            .map((v) => ({ id: v.id, impact: v.impact, help: v.help,
+                           nodes: v.nodes.slice(0, 5).map((n) => n.target.join(' ') + ': ' + n.failureSummary) }))];
+    }""")
+    assert checked > 10, f"{view}: axe-core checked almost nothing"
+    assert result == [], f"{view}: {json.dumps(result, indent=2)}"
+
+
+@pytest.fixture
+def audited(browser, live_fake):
+    """A context where the audit may inject axe-core (the page's CSP rightly forbids inline scripts)."""
+    yield from browser_context(browser, live_fake, bypass_csp=True)
+
+
+def test_every_view_passes_an_accessibility_audit(live_fake, audited, fake_engine):
+    context = audited
+    seed(live_fake, context.user, [("wal", "greedy", "Explain SQLite WAL mode", 3600)])
+    page = open_chat(context)
+    audit(page, "new conversation")
+    fake_engine.script([RICH_ANSWER])
+    ask(page, "How do I reverse a list?")
+    finished_answer(page)
+    fake_engine.script(["Another way."])
+    page.get_by_role("button", name="Regenerate").click()
+    expect(finished_answer(page).get_by_role("group", name="Versions of this answer")).to_be_visible()
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)
+        audit(page, f"answered, with versions ({scheme})")
+    page.emulate_media(color_scheme="light")
+    page.get_by_role("button", name="Actions for “Explain SQLite WAL mode”").click()
+    audit(page, "conversation actions menu")
+    page.keyboard.press("Escape")
+    page.locator("article.message.user").first.get_by_role("button", name="Edit this question").click()
+    audit(page, "editing a question")
+    page.get_by_role("button", name="Cancel").click()
+    page.get_by_role("button", name="Shortcuts").click()
+    audit(page, "shortcuts dialog")
+    page.keyboard.press("Escape")
+    page.set_viewport_size(PHONE)
+    audit(page, "phone")
+    page.get_by_role("button", name="Conversations", exact=True).click()
+    page.wait_for_timeout(250)  # the slide-in transition
+    audit(page, "phone, conversations drawer")
+    page.set_viewport_size(DESKTOP)
+    for path in ("/chat", "/stats"):
+        page.goto(path)
+        page.wait_for_load_state("networkidle")
+        audit(page, path)
+
+
+def test_the_key_form_passes_an_accessibility_audit(browser, keyed_server):
+    contexts = browser_context(browser, keyed_server, bypass_csp=True)
+    page = next(contexts).new_page()
+    page.goto("/static/index.html")
+    expect(page.get_by_role("heading", name="API key needed")).to_be_visible()
+    audit(page, "API key form")
+    next(contexts, None)
+
+
+def test_the_audit_catches_what_it_should(audited):
+    page = open_chat(audited)
+    page.evaluate("document.getElementById('messages').append(document.createElement('button'))")  # no name
+    with pytest.raises(AssertionError, match="button-name"):
+        audit(page, "a button without a name")
