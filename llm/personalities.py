@@ -49,6 +49,7 @@ class Personality:
     intro: str
     sampling: dict[str, Any]
     language: str = "en"
+    declares_language: bool = False  # the file names its language (then the chat page speaks it too)
     include_date: bool = False
     history_policy: str = "trim"
     model: ModelChoice = field(default_factory=ModelChoice)
@@ -63,6 +64,7 @@ class Personality:
             "description": self.description,
             "intro": self.intro,
             "language": self.language,
+            "interface_language": self.language if self.declares_language else None,
         }
 
 
@@ -95,6 +97,7 @@ def parse_personality(path: Path, validator: jsonschema.protocols.Validator) -> 
         intro=data["intro"].strip(),
         sampling=dict(data["sampling"]),
         language=data.get("language", "en"),
+        declares_language="language" in data,
         include_date=data.get("include_date", False),
         history_policy=data.get("history", {}).get("policy", "trim"),
         model=ModelChoice(**data.get("model", {})),

@@ -12,7 +12,9 @@
  */
 
 import * as api from './api.js';
-import { $, announce, element, nearBottom, plural, scrollToEnd, speak } from './dom.js';
+import { $, announce, element, nearBottom, scrollToEnd, speak } from './dom.js';
+import * as i18n from './i18n.js';
+import { t } from './i18n.js';
 import * as history from './history.js';
 import * as view from './messages.js';
 import { setUpTheme } from './theme.js';
@@ -27,7 +29,7 @@ const ui = {
   composer: $('composer'), prompt: $('prompt'), send: $('send'), stop: $('stop'),
   contextToggle: $('context-toggle'), contextPanel: $('context-panel'), context: $('context'),
   regenerate: $('regenerate'), statusLive: $('status-live'), shortcuts: $('shortcuts'),
-  shortcutsButton: $('shortcuts-button'),
+  shortcutsButton: $('shortcuts-button'), languageToggle: $('language-toggle'),
 };
 
 const state = {
@@ -52,14 +54,14 @@ function newId() {
 /* ---------- answer life cycle ---------- */
 
 function addAnswer(prompt) {
-  const article = view.appendMessage('assistant', 'Answer');
+  const article = view.appendMessage('assistant', t('answer.label'));
   const answer = {
     prompt, article, conversationId: state.conversationId, text: '', statuses: [], sources: [], stopped: false,
     done: false, id: null, seq: 0, spoken: 0, rendering: false, // spoken: how much the live region has read
     body: element('div', 'body markdown'), status: element('p', 'status-line'),
   };
   article.setAttribute('aria-busy', 'true');
-  answer.status.append(element('span', 'spinner'), element('span', 'status-text', 'Thinking…'));
+  answer.status.append(element('span', 'spinner'), element('span', 'status-text', t('answer.thinking')));
   article.append(answer.body, answer.status);
   scrollToEnd(true);
   return answer;
@@ -104,10 +106,10 @@ function setStatus(answer, message, record = true) {
 }
 
 function errorText(frame) {
-  if (frame.status === 503) return 'The server is busy right now. Please try again in a few seconds.';
-  if (frame.status === 429) return 'Too many requests. Please wait a moment, then try again.';
-  if (frame.status === 413) return `That message is too long for this model. ${frame.message || ''}`.trim();
-  return frame.message || 'Something went wrong while answering.';
+  if (frame.status === 503) return t('error.busy');
+  if (frame.status === 429) return t('error.too_many');
+  if (frame.status === 413) return `${t('error.too_long')} ${frame.message || ''}`.trim();
+  return frame.message || t('error.generic');
 }
 
 function failAnswer(answer, message) {
@@ -123,12 +125,12 @@ function finishAnswer(answer, end = {}, note = '') {
   renderAnswer(answer);
   answer.status.remove();
   answer.article.removeAttribute('aria-busy');
-  if (!answer.text && !answer.error && !note) answer.body.append(element('p', 'empty', '(no answer)'));
+  if (!answer.text && !answer.error && !note) answer.body.append(element('p', 'empty', t('answer.empty')));
   view.addSources(answer.article, answer.sources);
   if (end.message_id != null) answer.article.dataset.messageId = end.message_id;
   if (end.question_id != null && answer.question) view.addQuestionTools(answer.question, end.question_id);
-  const stopped = answer.stopped || end.finish_reason === 'cancelled' ? 'Stopped' : '';
-  const length = end.finish_reason === 'length' ? 'Cut off at the length limit' : '';
+  const stopped = answer.stopped || end.finish_reason === 'cancelled' ? t('answer.stopped') : '';
+  const length = end.finish_reason === 'length' ? t('answer.cut_off') : '';
   view.addFooter(answer.article, answer.text, {
     usage: end.usage, trimmed: end.trimmed_turns || 0, note: note || stopped || length, statuses: answer.statuses,
     notices: end.notices || [],
@@ -136,7 +138,7 @@ function finishAnswer(answer, end = {}, note = '') {
   });
   if (state.current === answer) setStreaming(null);
   speakSentences(answer, true);
-  announce(answer.error || (stopped ? 'Answer stopped.' : 'Answer finished.'));
+  announce(answer.error || t(stopped ? 'answer.stopped_spoken' : 'answer.finished'));
   ui.statusLive.textContent = '';
   scrollToEnd(nearBottom());
   if (end.message_id != null) history.refresh(); // a new conversation joins the list, an old one moves up
@@ -150,7 +152,7 @@ function setStreaming(answer) {
   ui.send.hidden = busy;
   ui.stop.hidden = !busy;
   ui.stop.disabled = false;
-  ui.stop.textContent = 'Stop';
+  setText(ui.stop, 'composer.stop');
   ui.regenerate.hidden = busy || !state.lastPrompt;
   if (busy && hadFocus === ui.send) ui.stop.focus(); // keep keyboard focus on the control in that place
   if (!busy && (hadFocus === ui.stop || hadFocus === document.body)) ui.prompt.focus();
@@ -161,7 +163,7 @@ function setStreaming(answer) {
 function sendPrompt(prompt, branch = null) {
   if (state.current) return false;
   if (!state.open) {
-    showBanner('Not connected to the server yet. Reconnecting…', true);
+    showBanner(t('connection.not_yet'), true);
     reconnectNow();
     return false;
   }
@@ -214,17 +216,17 @@ async function chooseVariant(messageId) {
     if (id !== state.conversationId) return;
     renderConversation(data);
     const shown = document.querySelector(`[data-message-id="${messageId}"] .variant-count`);
-    announce(`Showing version ${shown ? shown.textContent : ''}.`);
+    announce(t('versions.showing', { version: shown ? shown.textContent : '' }));
     if (shown) shown.closest('.variants').querySelector('button:not(:disabled)')?.focus();
   } catch (error) {
-    view.showNotice(`That version could not be shown: ${error.message}`, 'error');
+    view.showNotice(t('versions.failed', { error: error.message }), 'error');
   }
 }
 
 function stopAnswer() {
   if (!state.current || state.current.stopped) return;
   state.current.stopped = true;
-  ui.stop.textContent = 'Stopping…';
+  setText(ui.stop, 'composer.stopping');
   ui.stop.disabled = true;
   if (state.open) state.socket.send('|STOP|'); // the end frame follows and finishes the answer
   // offline: sent as soon as the socket is back (onOpen), and the end frame follows then
@@ -255,7 +257,7 @@ function connect() {
   const params = resuming ? { format: 'json', resume: resuming.id, after: resuming.seq } : { format: 'json' };
   const socket = new WebSocket(api.socketUrl(path, params));
   state.socket = socket;
-  setConnection('connecting', state.retries ? 'Reconnecting…' : 'Connecting…');
+  setConnection('connecting', state.retries ? 'connection.reconnecting' : 'connection.connecting');
   socket.onopen = () => serial === state.serial && onOpen(socket);
   socket.onmessage = (event) => serial === state.serial && onFrame(event.data);
   socket.onclose = () => serial === state.serial && onDrop();
@@ -281,10 +283,10 @@ function onOpen(socket) {
 }
 
 function onBound() {
-  if (state.retries) announce('Reconnected.');
+  if (state.retries) announce(t('connection.reconnected'));
   state.retries = 0; // only now: a server that accepts then drops the socket keeps backing off
   hideBanner();
-  setConnection('open', 'Connected');
+  setConnection('open', 'connection.open');
 }
 
 function onFrame(data) {
@@ -314,14 +316,13 @@ function onError(head, frame) {
     // Kept no longer: the stored conversation has the answer as far as it got.
     state.expecting.shift();
     setStreaming(null);
-    redraw().then(() => view.showNotice(
-      'The connection was lost for too long to continue that answer; here is the conversation as the server kept it.'));
+    redraw().then(() => view.showNotice(t('resume.expired')));
   } else if (head && head.kind === 'answer') {
     failAnswer(head.answer, errorText(frame));
   } else if (head && head.kind === 'bind' && frame.status === 400) {
     // The stored id cannot be used (e.g. it belongs to another personality): start afresh.
     startConversation(newId(), true);
-    view.showNotice('The previous conversation could not be continued, so a new one was started.');
+    view.showNotice(t('conversation.restarted'));
     connect();
   } else {
     showBanner(errorText(frame), false);
@@ -335,10 +336,10 @@ function onDrop() {
     if (entry.kind !== 'answer') continue;
     if (entry.answer.id && !state.resuming) { // the server goes on with it: pick it up after reconnecting
       state.resuming = entry.answer;
-      setStatus(entry.answer, 'Connection lost; the answer goes on at the server. Reconnecting…', false);
+      setStatus(entry.answer, t('resume.waiting'), false);
     } else {
-      failAnswer(entry.answer, 'The connection was lost, so this answer was cut off.');
-      finishAnswer(entry.answer, {}, 'Interrupted');
+      failAnswer(entry.answer, t('answer.lost'));
+      finishAnswer(entry.answer, {}, t('answer.interrupted'));
     }
   }
   state.expecting = [];
@@ -350,8 +351,8 @@ function scheduleReconnect() {
   const delay = BACKOFF_MS[Math.min(state.retries, BACKOFF_MS.length - 1)];
   state.retries += 1;
   const seconds = Math.round(delay / 1000);
-  setConnection('down', 'Offline');
-  showBanner(`Connection to the server lost. Reconnecting in ${plural(seconds, 'second')}…`, true);
+  setConnection('down', 'connection.offline');
+  showBanner(t('connection.lost', { n: seconds }), true);
   window.clearTimeout(state.retryTimer);
   state.retryTimer = window.setTimeout(connect, delay);
 }
@@ -362,9 +363,15 @@ function reconnectNow() {
   connect();
 }
 
-function setConnection(kind, text) {
+/** The connection state, its words kept as a catalogue key so a change of language rewrites them. */
+function setConnection(kind, key) {
   ui.connection.dataset.state = kind;
-  ui.connectionText.textContent = text;
+  setText(ui.connectionText, key);
+}
+
+function setText(node, key) {
+  node.dataset.i18n = key;
+  node.textContent = t(key);
 }
 
 function showBanner(text, offerReconnect) {
@@ -399,7 +406,7 @@ async function restoreHistory() {
     data = await api.json(`/conversations/${encodeURIComponent(id)}`);
   } catch (error) {
     if (serial !== state.serial) return false;
-    if (error.status !== 404) view.showNotice(`The earlier messages could not be loaded: ${error.message}`, 'error');
+    if (error.status !== 404) view.showNotice(t('history.load_failed', { error: error.message }), 'error');
     return true;
   }
   if (serial !== state.serial) return false;
@@ -411,8 +418,7 @@ async function restoreHistory() {
 function renderConversation(data, clear = true) {
   if (clear) view.showIntro(state.personality.intro);
   if (data.trimmed_turns > 0) {
-    view.showNotice(`${plural(data.trimmed_turns, 'earlier message')} ${data.trimmed_turns === 1 ? 'is' : 'are'} `
-      + "no longer in the model's context.");
+    view.showNotice(t('history.trimmed', { n: data.trimmed_turns }));
   }
   state.lastPrompt = null;
   for (const turn of data.turns || []) {
@@ -435,13 +441,14 @@ async function selectPersonality(name, conversationId = null) {
   const personality = state.personalities.find((p) => p.name === name) || state.personalities[0];
   window.clearTimeout(state.retryTimer);
   closeSocket();
-  setConnection('connecting', 'Connecting…'); // until the new socket is bound, not the old one's state
+  setConnection('connecting', 'connection.connecting'); // until the new socket is bound, not the old one's state
   state.personality = personality;
   state.retries = 0;
   store.set('personality', personality.name);
   ui.picker.value = personality.name;
-  document.title = `${personality.name} · Chat`;
+  document.title = `${personality.name} · ${t('page.title')}`;
   view.setLanguage(personality.language);
+  i18n.apply(i18n.preferred(personality.interface_language));
   describePersonality(personality);
   const known = conversationId || store.get(`conversation.${personality.name}`);
   startConversation(known || newId(), !known);
@@ -451,12 +458,12 @@ async function selectPersonality(name, conversationId = null) {
 /** The sidebar's "open": switch personality if needed and continue that conversation. */
 async function openConversation(item) {
   if (!state.personalities.some((p) => p.name === item.personality)) {
-    showBanner(`That conversation's personality “${item.personality}” is no longer available.`, false);
+    showBanner(t('conversation.personality_gone', { personality: item.personality }), false);
     return;
   }
   if (item.id === state.conversationId) return;
   await selectPersonality(item.personality, item.id);
-  announce(`Opened “${item.title || 'Untitled conversation'}”.`);
+  announce(t('conversation.opened', { title: item.title || t('conversation.untitled') }));
 }
 
 function conversationDeleted(id) {
@@ -474,8 +481,8 @@ function describePersonality(personality) {
   ui.info.replaceChildren();
   if (personality.description) ui.info.append(element('span', 'description', personality.description));
   const model = element('span', 'model');
-  model.append('Model: ', element('strong', '', personality.model || 'unknown'));
-  if (personality.context_window) model.append(` · ${personality.context_window.toLocaleString('en')} token context`);
+  model.append(t('personality.model'), element('strong', '', personality.model || t('personality.unknown')));
+  if (personality.context_window) model.append(` · ${t('personality.context', { n: personality.context_window })}`);
   ui.info.append(model);
 }
 
@@ -483,11 +490,11 @@ async function loadPersonalities() {
   try {
     state.personalities = (await api.json('/personalities')).personalities || [];
   } catch (error) {
-    showBanner(`Could not load the personalities: ${error.message}. Reload the page to try again.`, false);
+    showBanner(t('personality.load_failed', { error: error.message }), false);
     return;
   }
   if (!state.personalities.length) {
-    showBanner('No personalities are configured on this server.', false);
+    showBanner(t('personality.none'), false);
     return;
   }
   ui.picker.replaceChildren(...state.personalities.map((p) => {
@@ -511,7 +518,7 @@ function autoGrow() {
 function toggleContext(open) {
   ui.contextPanel.hidden = !open;
   ui.contextToggle.setAttribute('aria-expanded', String(open));
-  ui.contextToggle.textContent = open ? 'Hide context' : (ui.context.value.trim() ? 'Context added' : 'Add context');
+  setText(ui.contextToggle, open ? 'context.hide' : (ui.context.value.trim() ? 'context.added' : 'context.add'));
   if (open) ui.context.focus();
 }
 
@@ -526,6 +533,8 @@ function bindEvents() {
   ui.prompt.addEventListener('input', autoGrow);
   document.addEventListener('keydown', onShortcut);
   ui.shortcutsButton.addEventListener('click', () => ui.shortcuts.showModal());
+  ui.languageToggle.addEventListener('click', () => i18n.choose(i18n.language() === 'fr' ? 'en' : 'fr'));
+  i18n.onLanguageChange(languageChanged);
   ui.stop.addEventListener('click', stopAnswer);
   ui.regenerate.addEventListener('click', regenerateAnswer);
   ui.newConversation.addEventListener('click', () => {
@@ -533,13 +542,23 @@ function bindEvents() {
     startConversation(newId(), true);
     connect(); // a socket stays bound to one conversation
     ui.prompt.focus();
-    announce('New conversation started.');
+    announce(t('conversation.started'));
   });
   ui.picker.addEventListener('change', () => selectPersonality(ui.picker.value));
   ui.contextToggle.addEventListener('click', () => toggleContext(ui.contextPanel.hidden));
   ui.reconnectNow.addEventListener('click', reconnectNow);
   window.addEventListener('online', reconnectNow);
   api.onKeyChange(() => { if (!state.open) reconnectNow(); });
+}
+
+/** What scripts wrote is written again in the new language (the static text already is). */
+function languageChanged(lang) {
+  ui.languageToggle.lang = lang === 'fr' ? 'en' : 'fr';
+  if (!state.personality) return;
+  document.title = `${state.personality.name} · ${t('page.title')}`;
+  describePersonality(state.personality);
+  if (!state.current && state.fresh !== state.conversationId) redraw();
+  else if (!state.current) view.showIntro(state.personality.intro);
 }
 
 /** The keyboard shortcuts listed in the #shortcuts dialog. */
@@ -566,16 +585,17 @@ async function watchModelLoading() {
   for (let shown = false; ;) {
     const health = await fetch('/health', { cache: 'no-store' }).then((r) => r.json()).catch(() => null);
     if (health && health.status === 'loading') {
-      if (!shown) showBanner(`The model ${health.model || ''} is still loading; answers will start as soon as it is ready.`, false);
+      if (!shown) showBanner(t('model.loading', { model: health.model || '' }), false);
       shown = true;
     } else {
-      if (shown && health && health.status === 'ok') { hideBanner(); announce('The model is ready.'); }
+      if (shown && health && health.status === 'ok') { hideBanner(); announce(t('model.ready')); }
       return;
     }
     await new Promise((resolve) => { window.setTimeout(resolve, 1500); });
   }
 }
 
+i18n.apply(i18n.preferred());
 setUpTheme($('theme-toggle'));
 view.setActions({ edit: editQuestion, choose: chooseVariant });
 bindEvents();

@@ -15,8 +15,6 @@ export function button(label, className, type = 'button') {
   return node;
 }
 
-export function plural(count, word) { return `${count} ${word}${count === 1 ? '' : 's'}`; }
-
 /** Say something through the polite live region (a change is made even when the text repeats). */
 export function announce(text) {
   const region = $('announcer');

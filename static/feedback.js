@@ -6,6 +6,7 @@
 
 import { json } from './api.js';
 import { announce, button, element, icon } from './dom.js';
+import { t } from './i18n.js';
 
 const RATINGS = { 1: 'up', '-1': 'down' };
 let serial = 0;
@@ -14,10 +15,10 @@ let serial = 0;
 export function feedbackControls(article, { conversationId, messageId, rating = null }) {
   const group = element('div', 'feedback');
   group.setAttribute('role', 'group');
-  group.setAttribute('aria-label', 'Rate this answer');
+  group.setAttribute('aria-label', t('feedback.label'));
   const state = {
     article, conversationId, messageId, rating: RATINGS[rating] || null, busy: false, form: null, error: null,
-    up: rateButton('up', 'Good answer'), down: rateButton('down', 'Bad answer'),
+    up: rateButton('up', t('feedback.good')), down: rateButton('down', t('feedback.bad')),
   };
   state.up.addEventListener('click', () => rate(state, 'up'));
   state.down.addEventListener('click', () => rate(state, 'down'));
@@ -53,11 +54,11 @@ async function rate(state, rating) {
     await json(endpoint(state), { method: 'POST', body: { rating } });
     showError(state, '');
     openComment(state);
-    announce(`Thanks: marked as a ${rating === 'up' ? 'good' : 'bad'} answer. You can add a comment below.`);
+    announce(t(rating === 'up' ? 'feedback.thanks_good' : 'feedback.thanks_bad'));
   } catch (error) {
     state.rating = previous;
     showPressed(state);
-    showError(state, `The rating could not be saved: ${error.message}`);
+    showError(state, t('feedback.rating_failed', { error: error.message }));
   } finally {
     state.busy = false;
   }
@@ -67,12 +68,12 @@ function openComment(state) {
   if (state.form) state.form.remove();
   const id = `feedback-comment-${serial += 1}`;
   const form = element('form', 'feedback-comment');
-  const question = state.rating === 'up' ? 'What was good? (optional)' : 'What went wrong? (optional)';
+  const question = t(state.rating === 'up' ? 'feedback.what_good' : 'feedback.what_wrong');
   const label = element('label', '', question);
   label.htmlFor = id;
   const area = element('textarea');
   Object.assign(area, { id, rows: 2, maxLength: 2000 });
-  const send = button('Send comment', 'button secondary small', 'submit');
+  const send = button(t('feedback.send'), 'button secondary small', 'submit');
   const row = element('div', 'feedback-comment-row');
   row.append(area, send);
   form.append(label, row);
@@ -92,15 +93,15 @@ async function sendComment(state, comment, send) {
   } catch (error) {
     send.disabled = false;
     send.focus();
-    showError(state, `The comment could not be sent: ${error.message}`);
+    showError(state, t('feedback.comment_failed', { error: error.message }));
     return;
   }
   showError(state, '');
-  const thanks = element('p', 'feedback-thanks', 'Thanks, your comment was sent.');
+  const thanks = element('p', 'feedback-thanks', t('feedback.comment_sent'));
   state.form.replaceWith(thanks);
   state.form = thanks;
   (state.rating === 'up' ? state.up : state.down).focus(); // the form that had focus is gone
-  announce('Comment sent. Thank you.');
+  announce(t('feedback.comment_sent_spoken'));
 }
 
 function showError(state, message) {

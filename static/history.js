@@ -8,6 +8,7 @@
 
 import { json } from './api.js';
 import { $, announce, button, element, icon } from './dom.js';
+import { fullDate, onLanguageChange, relativeDate, t } from './i18n.js';
 
 const PAGE = 20;
 const MAX_PAGE = 100;
@@ -26,25 +27,9 @@ const state = {
   handlers: { open: () => {}, deleted: () => {} },
 };
 
-const dateTimeFormat = new Intl.DateTimeFormat('en', { dateStyle: 'medium', timeStyle: 'short' });
-const relative = new Intl.RelativeTimeFormat('en', { numeric: 'auto' });
-
-/** "just now", "5 minutes ago", "yesterday", "3 days ago", then the date. */
-export function relativeDate(seconds, now = Date.now()) {
-  const diff = seconds - now / 1000;
-  const ago = -diff;
-  if (ago < 45) return 'just now';
-  if (ago < 3600) return relative.format(Math.round(diff / 60), 'minute');
-  if (ago < 86400) return relative.format(Math.round(diff / 3600), 'hour');
-  if (ago < 7 * 86400) return relative.format(Math.round(diff / 86400), 'day');
-  const date = new Date(seconds * 1000);
-  const sameYear = date.getFullYear() === new Date(now).getFullYear();
-  return date.toLocaleDateString('en', { day: 'numeric', month: 'short', year: sameYear ? undefined : 'numeric' });
-}
-
 function conversationUrl(id, suffix = '') { return `/conversations/${encodeURIComponent(id)}${suffix}`; }
 
-function titleOf(item) { return item.title || 'Untitled conversation'; }
+function titleOf(item) { return item.title || t('conversation.untitled'); }
 
 /* ---------- loading ---------- */
 
@@ -64,13 +49,13 @@ function search() {
     await loadFirstPage();
     if (query) {
       const count = visibleItems().length;
-      announce(count ? `${count}${state.hasMore ? ' or more' : ''} conversations match.` : 'No conversation matches.');
+      announce(count ? t(state.hasMore ? 'search.found_more' : 'search.found', { n: count }) : t('search.none'));
     }
   }, SEARCH_DELAY_MS);
 }
 
 async function loadFirstPage() {
-  setStatus('Loading…');
+  setStatus(t('status.loading'));
   const query = state.query;
   try {
     const items = await fetchPage(PAGE, 0);
@@ -79,7 +64,7 @@ async function loadFirstPage() {
     state.hasMore = items.length === PAGE;
     state.error = '';
   } catch (error) {
-    state.error = `The conversations could not be loaded: ${error.message}`;
+    state.error = t('sidebar.load_failed', { error: error.message });
   }
   state.loaded = true;
   render();
@@ -89,7 +74,7 @@ async function loadMore() {
   if (state.loadingMore) return;
   state.loadingMore = true; // not disabled: that would drop the keyboard focus resting on the button
   ui.more.setAttribute('aria-disabled', 'true');
-  ui.more.textContent = 'Loading…';
+  ui.more.textContent = t('status.loading');
   const shownBefore = visibleItems().length;
   try {
     const items = await fetchPage(PAGE, state.items.length);
@@ -98,14 +83,14 @@ async function loadMore() {
     state.hasMore = items.length === PAGE;
     state.error = '';
   } catch (error) {
-    state.error = `More conversations could not be loaded: ${error.message}`;
+    state.error = t('sidebar.more_failed', { error: error.message });
   }
   state.loadingMore = false;
   ui.more.removeAttribute('aria-disabled');
-  ui.more.textContent = 'Load more';
+  ui.more.textContent = t('sidebar.more');
   render();
   const added = visibleItems().length - shownBefore;
-  if (!state.error) announce(added ? `${added} more conversations loaded.` : 'No more conversations.');
+  if (!state.error) announce(added ? t('sidebar.more_loaded', { n: added }) : t('sidebar.no_more'));
   if (ui.more.hidden) {
     const first = visibleItems()[shownBefore];
     (first ? state.entries.get(first.id).open : ui.heading).focus();
@@ -151,13 +136,13 @@ function render() {
     if (ui.list.children[index] !== entry.li) ui.list.insertBefore(entry.li, ui.list.children[index] || null);
   });
   if (active && active.isConnected && document.activeElement !== active) active.focus({ preventScroll: true });
-  const empty = state.query ? 'No conversation matches your search.'
-    : 'No conversations yet. They appear here after their first answer.';
+  const empty = t(state.query ? 'search.empty' : 'sidebar.empty');
   setStatus(state.error || (visible.length ? '' : empty));
   ui.status.classList.toggle('error', Boolean(state.error));
   if (state.error) ui.status.setAttribute('role', 'alert');
   else ui.status.removeAttribute('role');
   ui.more.hidden = !state.hasMore;
+  if (!state.loadingMore) ui.more.textContent = t('sidebar.more');
 }
 
 function createEntry(item) {
@@ -192,9 +177,9 @@ function updateEntry(entry) {
   entry.open.title = titleOf(item); // the whole title, where the list cuts it short
   entry.personality.textContent = item.personality;
   entry.time.dateTime = new Date(item.updated * 1000).toISOString();
-  entry.time.title = dateTimeFormat.format(new Date(item.updated * 1000));
+  entry.time.title = fullDate(item.updated);
   entry.time.textContent = relativeDate(item.updated);
-  entry.more.setAttribute('aria-label', `Actions for “${titleOf(item)}”`);
+  entry.more.setAttribute('aria-label', t('conversation.actions', { title: titleOf(item) }));
   const current = item.id === state.current;
   entry.li.classList.toggle('current', current);
   if (current) entry.open.setAttribute('aria-current', 'true');
@@ -220,10 +205,10 @@ function openConversation(entry) {
 
 function showActions(entry) {
   for (const other of state.entries.values()) if (other !== entry) hideActions(other, false);
-  const rename = button('Rename', 'button ghost small');
-  const remove = button('Delete…', 'button ghost small danger-text');
+  const rename = button(t('conversation.rename'), 'button ghost small');
+  const remove = button(t('conversation.delete_ellipsis'), 'button ghost small danger-text');
   const exports = element('span', 'exports');
-  exports.append(element('span', 'exports-label', 'Export:'), exportLink(entry, 'md', 'Markdown'),
+  exports.append(element('span', 'exports-label', t('export.label')), exportLink(entry, 'md', 'Markdown'),
     exportLink(entry, 'json', 'JSON'));
   rename.addEventListener('click', () => startRename(entry));
   remove.addEventListener('click', () => confirmDelete(entry));
@@ -246,7 +231,7 @@ function exportLink(entry, format, label) {
   const link = element('a', 'export-link', label);
   link.href = conversationUrl(entry.item.id, `/export?format=${format}`);
   link.download = '';
-  link.setAttribute('aria-label', `Export as ${label}`);
+  link.setAttribute('aria-label', t('export.as', { format: label }));
   return link; // a plain link: the session cookie authenticates it
 }
 
@@ -262,9 +247,9 @@ function startRename(entry) {
   const form = element('form', 'rename-form');
   const input = element('input');
   Object.assign(input, { type: 'text', value: entry.item.title, maxLength: 200, required: true });
-  input.setAttribute('aria-label', 'Conversation title');
-  const save = button('Save', 'button primary small', 'submit');
-  const cancel = button('Cancel', 'button secondary small');
+  input.setAttribute('aria-label', t('conversation.title'));
+  const save = button(t('action.save'), 'button primary small', 'submit');
+  const cancel = button(t('action.cancel'), 'button secondary small');
   const buttons = element('div', 'rename-buttons');
   buttons.append(save, cancel);
   form.append(input, buttons);
@@ -291,23 +276,23 @@ function startRename(entry) {
       entry.item.title = data.title;
       updateEntry(entry);
       end();
-      announce(`Renamed to “${data.title}”.`);
+      announce(t('conversation.renamed', { title: data.title }));
     } catch (error) {
       save.disabled = false;
       input.focus();
-      showActionError(form, `The title could not be saved: ${error.message}`);
+      showActionError(form, t('conversation.rename_failed', { error: error.message }));
     }
   });
 }
 
 function confirmDelete(entry) {
-  const question = element('p', 'confirm-text', 'Delete this conversation? This cannot be undone.');
+  const question = element('p', 'confirm-text', t('conversation.confirm_delete'));
   question.id = `${entry.actions.id}-question`;
   const group = element('div', 'confirm');
   group.setAttribute('role', 'group');
   group.setAttribute('aria-labelledby', question.id);
-  const yes = button('Delete', 'button danger small');
-  const no = button('Cancel', 'button secondary small');
+  const yes = button(t('conversation.delete'), 'button danger small');
+  const no = button(t('action.cancel'), 'button secondary small');
   group.append(question, yes, no);
   entry.actions.replaceChildren(group);
   no.focus(); // the harmless choice first
@@ -322,7 +307,7 @@ async function deleteConversation(entry, yes) {
   } catch (error) {
     yes.disabled = false;
     yes.focus();
-    showActionError(entry.actions, `The conversation could not be deleted: ${error.message}`);
+    showActionError(entry.actions, t('conversation.delete_failed', { error: error.message }));
     return;
   }
   const visible = visibleItems();
@@ -331,7 +316,7 @@ async function deleteConversation(entry, yes) {
   state.items = state.items.filter((item) => item.id !== entry.item.id);
   render();
   (neighbour ? state.entries.get(neighbour.id).open : ui.heading).focus();
-  announce(`Deleted “${titleOf(entry.item)}”.`);
+  announce(t('conversation.deleted', { title: titleOf(entry.item) }));
   state.handlers.deleted(entry.item.id);
 }
 
@@ -372,6 +357,7 @@ function bindEvents() {
 export function initHistory({ open, deleted }) {
   state.handlers = { open, deleted };
   bindEvents();
+  onLanguageChange(() => { if (state.loaded) render(); });
   setDrawer(false, false);
   return loadFirstPage();
 }

@@ -6,8 +6,9 @@
  * through DOMPurify like the rest); a finished answer's code blocks get a copy button each.
  */
 
-import { $, element, plural, scrollToEnd } from './dom.js';
+import { $, element, scrollToEnd } from './dom.js';
 import { feedbackControls } from './feedback.js';
+import { t } from './i18n.js';
 
 const ALLOWED_TAGS = ['p', 'br', 'hr', 'h1', 'h2', 'h3', 'h4', 'h5', 'h6', 'strong', 'em', 's', 'del', 'code',
   'pre', 'blockquote', 'ul', 'ol', 'li', 'a', 'table', 'thead', 'tbody', 'tr', 'th', 'td', 'span'];
@@ -59,11 +60,11 @@ export function appendMessage(role, label) {
 
 export function addUserMessage(prompt) {
   const { context, question } = splitContext(prompt);
-  const article = appendMessage('user', 'You');
+  const article = appendMessage('user', t('question.label'));
   article.append(element('div', 'body plain', question));
   if (context) {
     const details = element('details', 'context-note');
-    details.append(element('summary', '', 'Context added'), element('div', 'plain', context));
+    details.append(element('summary', '', t('context.added')), element('div', 'plain', context));
     article.append(details);
   }
   article.dataset.prompt = prompt;
@@ -85,13 +86,13 @@ function variantNavigator(variants, id, what) {
   const index = variants.indexOf(id);
   const nav = element('div', 'variants');
   nav.setAttribute('role', 'group');
-  nav.setAttribute('aria-label', `Versions of this ${what}`);
-  const previous = smallButton('‹', `Previous version of this ${what}`, () => actions.choose(variants[index - 1]));
-  const next = smallButton('›', `Next version of this ${what}`, () => actions.choose(variants[index + 1]));
+  nav.setAttribute('aria-label', t(`versions.${what}`));
+  const previous = smallButton('‹', t(`versions.previous_${what}`), () => actions.choose(variants[index - 1]));
+  const next = smallButton('›', t(`versions.next_${what}`), () => actions.choose(variants[index + 1]));
   previous.disabled = index <= 0;
   next.disabled = index >= variants.length - 1;
   const count = element('span', 'variant-count', `${index + 1}/${variants.length}`);
-  count.setAttribute('aria-label', `Version ${index + 1} of ${variants.length}`);
+  count.setAttribute('aria-label', t('versions.count', { index: index + 1, n: variants.length }));
   nav.append(previous, count, next);
   return nav;
 }
@@ -101,7 +102,7 @@ export function addQuestionTools(article, id, variants = []) {
   article.dataset.messageId = id;
   const tools = element('div', 'message-tools');
   if (variants.length > 1) tools.append(variantNavigator(variants, id, 'question'));
-  tools.append(smallButton('Edit', 'Edit this question', () => editInPlace(article)));
+  tools.append(smallButton(t('question.edit'), t('question.edit_label'), () => editInPlace(article)));
   article.append(tools);
 }
 
@@ -111,11 +112,11 @@ function editInPlace(article) {
   const editor = element('form', 'editor');
   const box = element('textarea', 'edit-box');
   box.value = article.dataset.prompt || '';
-  box.setAttribute('aria-label', 'Edited question');
+  box.setAttribute('aria-label', t('question.edited'));
   box.rows = Math.min(10, box.value.split('\n').length + 1);
-  const send = element('button', 'button primary small', 'Send');
+  const send = element('button', 'button primary small', t('composer.send'));
   send.type = 'submit';
-  const cancel = smallButton('Cancel', '', () => close());
+  const cancel = smallButton(t('action.cancel'), '', () => close());
   const row = element('div', 'editor-row');
   row.append(send, cancel);
   editor.append(box, row);
@@ -138,7 +139,7 @@ function editInPlace(article) {
 export function showIntro(intro) {
   container.replaceChildren();
   if (!intro) return;
-  const article = appendMessage('assistant intro', 'Introduction');
+  const article = appendMessage('assistant intro', t('intro.label'));
   article.append(element('div', 'body markdown'));
   article.firstChild.innerHTML = renderMarkdown(intro);
 }
@@ -152,11 +153,11 @@ export function showNotice(text, kind = 'notice') {
 export function addSources(article, sources) {
   if (!sources.length) return;
   const box = element('div', 'sources');
-  box.append(element('p', 'sources-title', 'Sources'));
+  box.append(element('p', 'sources-title', t('sources.title')));
   const list = element('ul');
   for (const source of sources) {
     const item = element('li');
-    const title = source.title || source.url || 'Untitled';
+    const title = source.title || source.url || t('sources.untitled');
     if (source.url && /^https?:\/\//i.test(source.url)) {
       const link = element('a', '', title);
       Object.assign(link, { href: source.url, target: '_blank', rel: 'noopener noreferrer nofollow' });
@@ -171,13 +172,13 @@ export function addSources(article, sources) {
 }
 
 function copyButton(text, what = 'answer', className = 'button icon copy') {
-  const button = element('button', className, 'Copy');
+  const button = element('button', className, t('copy.button'));
   button.type = 'button';
-  button.setAttribute('aria-label', `Copy ${what}`);
+  button.setAttribute('aria-label', t(`copy.${what}`));
   button.addEventListener('click', async () => {
     const ok = await copyText(text);
-    button.textContent = ok ? 'Copied' : 'Copy failed';
-    window.setTimeout(() => { button.textContent = 'Copy'; }, 2000);
+    button.textContent = t(ok ? 'copy.done' : 'copy.failed');
+    window.setTimeout(() => { button.textContent = t('copy.button'); }, 2000);
   });
   return button;
 }
@@ -202,17 +203,19 @@ async function copyText(text) {
 function usageText(usage) {
   if (!usage) return '';
   const parts = [];
-  if (usage.completion_tokens != null) parts.push(plural(usage.completion_tokens, 'token'));
-  if (usage.tokens_per_second) parts.push(`${usage.tokens_per_second.toFixed(1)} tokens/s`);
+  if (usage.completion_tokens != null) parts.push(t('usage.tokens', { n: usage.completion_tokens }));
+  if (usage.tokens_per_second) parts.push(t('usage.speed', { speed: Number(usage.tokens_per_second.toFixed(1)) }));
   return parts.join(' · ');
 }
 
 function usageDetails(usage) {
   if (!usage) return '';
   const parts = [];
-  if (usage.prompt_tokens != null) parts.push(`Prompt: ${plural(usage.prompt_tokens, 'token')}`);
-  if (usage.cached_tokens) parts.push(`reused from cache: ${usage.cached_tokens}`);
-  if (usage.time_to_first_token != null) parts.push(`first token after ${usage.time_to_first_token.toFixed(2)} s`);
+  if (usage.prompt_tokens != null) parts.push(t('usage.prompt', { n: usage.prompt_tokens }));
+  if (usage.cached_tokens) parts.push(t('usage.cached', { n: usage.cached_tokens }));
+  if (usage.time_to_first_token != null) {
+    parts.push(t('usage.first_token', { seconds: Number(usage.time_to_first_token.toFixed(2)) }));
+  }
   return parts.join(', ');
 }
 
@@ -247,13 +250,12 @@ export function addFooter(article, text, options = {}) {
   const progress = statuses.filter((status) => !notices.includes(status));
   if (progress.length) {
     const details = element('details', 'status-notes');
-    details.append(element('summary', '', plural(progress.length, 'note')));
+    details.append(element('summary', '', t('answer.notes', { n: progress.length })));
     for (const status of progress) details.append(element('p', '', status));
     article.append(details);
   }
   if (trimmed > 0) {
-    article.append(element('p', 'trimmed',
-      `${plural(trimmed, 'earlier message')} ${trimmed === 1 ? 'was' : 'were'} left out to fit the model's context.`));
+    article.append(element('p', 'trimmed', t('answer.trimmed', { n: trimmed })));
   }
 }
 
@@ -263,7 +265,7 @@ export function renderStoredTurn(turn, conversationId) {
     addQuestionTools(addUserMessage(turn.content), turn.id, turn.variants || []);
     return;
   }
-  const article = appendMessage('assistant', 'Answer');
+  const article = appendMessage('assistant', t('answer.label'));
   article.dataset.messageId = turn.id;
   const body = element('div', 'body markdown');
   body.innerHTML = renderMarkdown(turn.content || '');

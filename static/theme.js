@@ -1,9 +1,10 @@
 /* The colour theme: the system's (default), light or dark. The choice is kept in localStorage and applied as
  * data-theme on <html>, which sets the CSS color-scheme every light-dark() colour follows. */
 
+import { t } from './i18n.js';
+
 const KEY = 'llm.chat.theme';
 const NEXT = { system: 'light', light: 'dark', dark: 'system' };
-const LABEL = { system: 'Theme: as the system', light: 'Theme: light', dark: 'Theme: dark' };
 
 function saved() {
   try {
@@ -16,8 +17,10 @@ function apply(button, theme) {
   if (theme === 'system') delete document.documentElement.dataset.theme;
   else document.documentElement.dataset.theme = theme;
   button.dataset.theme = theme;
-  button.setAttribute('aria-label', LABEL[theme]);
-  button.title = LABEL[theme];
+  for (const [marker, attribute] of [['data-i18n-label', 'aria-label'], ['data-i18n-title', 'title']]) {
+    button.setAttribute(marker, `theme.${theme}`); // so a change of language relabels it
+    button.setAttribute(attribute, t(`theme.${theme}`));
+  }
 }
 
 /** Apply the saved theme and make the button cycle system, light, dark. */

@@ -20,7 +20,7 @@ import pytest
 from llm.auth import ANON_COOKIE, ANON_PREFIX, anonymous_cookie
 from llm.conversations import Turn
 from llm.errors import Overloaded
-from tests.conftest import LiveServer
+from tests.conftest import TEST_PERSONALITIES, LiveServer
 
 pytestmark = pytest.mark.browser
 
@@ -1066,3 +1066,56 @@ def test_the_audit_catches_what_it_should(audited):
     page.evaluate("document.getElementById('messages').append(document.createElement('button'))")  # no name
     with pytest.raises(AssertionError, match="button-name"):
         audit(page, "a button without a name")
+
+
+def test_a_french_browser_gets_the_page_in_french_and_can_switch(browser, live_fake, fake_engine):
+    contexts = browser_context(browser, live_fake, locale="fr-CA")
+    context = next(contexts)
+    page = open_chat(context)
+    expect(page.locator("html")).to_have_attribute("lang", "fr")
+    expect(page.get_by_role("button", name="Envoyer")).to_be_visible()
+    expect(page.get_by_label("Message", exact=True)).to_have_attribute("placeholder", "Posez votre question…")
+    expect(page.locator("#connection")).to_contain_text("Connecté")
+    expect(page.locator("#personality-info")).to_contain_text("contexte de 4 096 jetons")
+    ask(page, "Bonjour")
+    answer = finished_answer(page)
+    expect(answer.locator(".meta")).to_contain_text("5 jetons")
+    expect(answer.get_by_role("button", name="Copier la réponse")).to_be_visible()
+    expect(page.locator("article.message.user").get_by_role("button", name="Modifier cette question")).to_be_visible()
+    expect(page.locator("#history-list")).to_contain_text("à l’instant")
+    shot(page, "chat-desktop-fr.png")
+    page.emulate_media(color_scheme="dark")
+    shot(page, "chat-desktop-fr-dark.png")
+    page.emulate_media(color_scheme="light")
+    page.set_viewport_size(PHONE)
+    assert_no_horizontal_scroll(page, PHONE)
+    shot(page, "chat-phone-fr.png")
+    page.set_viewport_size(DESKTOP)
+
+    page.get_by_role("button", name="EN: English, show the interface in English").click()
+    expect(page.locator("html")).to_have_attribute("lang", "en")
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
+    expect(finished_answer(page).get_by_role("button", name="Copy answer")).to_be_visible()  # redrawn in English
+    expect(page.locator("#history-list")).to_contain_text("just now")
+    page.reload()  # the choice is kept
+    wait_connected(page)
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
+    next(contexts, None)
+
+
+def test_a_personality_that_declares_french_speaks_french(browser, make_app, fake_engine, tmp_path):
+    folder = tmp_path / "personalities"
+    folder.mkdir()
+    greedy = (TEST_PERSONALITIES / "greedy.toml").read_text()
+    (folder / "greedy.toml").write_text(greedy)
+    (folder / "francais.toml").write_text(greedy.replace('name = "greedy"', 'name = "francais"').replace(
+        "[sampling]", 'language = "fr-CA"\n\n[sampling]'))
+    server = LiveServer(make_app(LLM_PERSONALITIES_DIR=str(folder)))
+    contexts = browser_context(browser, server)
+    page = open_chat(next(contexts), "/chat/francais")
+    expect(page.locator("html")).to_have_attribute("lang", "fr")
+    expect(page.get_by_role("button", name="Envoyer")).to_be_visible()
+    page.get_by_label("Personnalité").select_option("greedy")  # a personality that declares nothing: the browser's
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
+    next(contexts, None)
+    server.close()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, render_template_string, send_from_directory
+import json
+from pathlib import Path
+
+from flask import Blueprint, current_app, jsonify, render_template_string, request, send_from_directory
 
 from llm.auth import give_anonymous_identity
 
 blueprint = Blueprint("pages", __name__)
+LANGUAGES = ("en", "fr")  # static/locales/<lang>.json
 
 
 def services():
@@ -26,18 +30,18 @@ def chat_with(personality: str):
 
 
 DIRECTORY = """<!doctype html>
-<html lang="en">
+<html lang="{{ lang }}">
 <head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark"><title>Personalities · Chat</title>
+<meta name="color-scheme" content="light dark"><title>{{ t["directory.title"] }} · {{ t["page.title"] }}</title>
 <link rel="icon" href="/static/favicon.svg" type="image/svg+xml"><link rel="stylesheet" href="/static/style.css">
 </head>
 <body class="directory">
 <main id="main">
-<h1>Chat with a personality</h1>
+<h1>{{ t["directory.heading"] }}</h1>
 <ul class="directory-list">
 {% for p in personalities %}
 <li lang="{{ p.language }}"><a href="/chat/{{ p.name | urlencode }}">{{ p.name }}</a>
-<p>{{ p.description }}</p><p class="model">Model: {{ p.model }}</p></li>
+<p>{{ p.description }}</p><p class="model">{{ t["personality.model"] }}{{ p.model }}</p></li>
 {% endfor %}
 </ul>
 </main>
@@ -47,8 +51,12 @@ DIRECTORY = """<!doctype html>
 
 @blueprint.get("/chat")
 def chat_directory():
-    """Every personality with a link to chat with it (Jinja escapes what personality files say)."""
-    return render_template_string(DIRECTORY, personalities=describe_all())
+    """Every personality with a link to chat with it (Jinja escapes what personality files say), in the
+    browser's language when the page speaks it (the chat page's own catalogue)."""
+    lang = request.accept_languages.best_match(LANGUAGES, default="en")
+    with open(Path(current_app.static_folder) / "locales" / f"{lang}.json", encoding="utf-8") as file:
+        words = json.load(file)
+    return render_template_string(DIRECTORY, personalities=describe_all(), lang=lang, t=words)
 
 
 def describe(personality) -> dict:
