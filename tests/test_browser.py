@@ -1100,6 +1100,10 @@ def test_a_french_browser_gets_the_page_in_french_and_can_switch(browser, live_f
     page.reload()  # the choice is kept
     wait_connected(page)
     expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
+    page.evaluate("localStorage.removeItem('llm.chat.language')")  # the browser's language again, on /stats too
+    page.goto("/stats")
+    expect(page.get_by_role("heading", name="Statistiques du service")).to_be_visible()
+    expect(page.locator("#updated")).to_contain_text("Mis à jour à")
     next(contexts, None)
 
 

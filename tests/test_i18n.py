@@ -1,5 +1,5 @@
-"""French and English: the catalogues agree, every key the page uses exists, and no interface text is left outside
-them (the chat page's HTML and scripts; the operators' /stats page is English only)."""
+"""French and English: the catalogues agree, every key the pages use exists, and no interface text is left outside
+them (the chat page and the /stats page, their HTML and scripts)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 
 STATIC = Path(__file__).parent.parent / "static"
 LOCALES = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in (STATIC / "locales").glob("*.json")}
-SCRIPTS = {path.name: path.read_text(encoding="utf-8") for path in STATIC.glob("*.js") if path.name != "stats.js"}
+SCRIPTS = {path.name: path.read_text(encoding="utf-8") for path in STATIC.glob("*.js")}
+PAGES = ("index.html", "stats.html")
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 PLURAL_FORMS = {"en": {"one", "other"}, "fr": {"one", "many", "other"}}  # Intl.PluralRules categories
 
@@ -39,10 +40,10 @@ def used_keys() -> tuple[set[str], set[str]]:
     """Keys named literally (t('key'), data-i18n*="key", the directory template), and prefixes of keys built in a
     template string (t(`versions.${what}`))."""
     literal, prefixes = set(), set()
-    sources = [*SCRIPTS.values(), (STATIC / "index.html").read_text(encoding="utf-8"),
+    sources = [*SCRIPTS.values(), *((STATIC / page).read_text(encoding="utf-8") for page in PAGES),
                (STATIC.parent / "llm" / "api" / "pages.py").read_text(encoding="utf-8")]
     for text in sources:
-        literal |= set(re.findall(r"\bt\('([\w.]+)'", text))
+        literal |= set(re.findall(r"""\bt\(['"]([\w.]+)['"]""", text))
         literal |= set(re.findall(r"data-i18n(?:-label|-placeholder|-title)?=\"([\w.]+)\"", text))
         literal |= set(re.findall(r"t\[\"([\w.]+)\"\]", text))
         for quoted in re.findall(r"'([a-z_]+\.[a-z_]+)'", text):  # keys chosen by a condition, then passed to t
@@ -89,16 +90,18 @@ class _Texts(HTMLParser):
             self.uncovered.append(data.strip())
 
 
-def test_the_page_has_no_text_outside_the_catalogues():
+@pytest.mark.parametrize("page", PAGES)
+def test_the_pages_have_no_text_outside_the_catalogues(page):
     parser = _Texts()
-    parser.feed((STATIC / "index.html").read_text(encoding="utf-8"))
+    parser.feed((STATIC / page).read_text(encoding="utf-8"))
     assert parser.uncovered == []
 
 
 # Calls that put words in front of the user: their text must come from t(), not a literal.
 HARD_CODED = re.compile(r"(?:textContent\s*=|announce\(|showNotice\(|showBanner\(|setStatus\(|failAnswer\([^,]+,|"
                         r"setAttribute\('(?:aria-label|title|placeholder)',|element\('[\w-]+', '[^']*',|"
-                        r"button\(|smallButton\()\s*['`\"][^'`\"]*[A-Za-z]{2,}")
+                        r"button\(|smallButton\(|\bel\(\"\w+\", \{[^}]*\},|label: |new Error\()\s*['`\"][^'`\"]*"
+                        r"[A-Za-z]{2,}")
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
