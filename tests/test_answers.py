@@ -10,6 +10,7 @@ import pytest
 import websocket
 
 from llm.api.answers import MAX_DETACHED_PER_OWNER, Answers
+from tests.conftest import LiveServer
 
 WORDS = [f" w{i}" for i in range(20)]  # the greedy personality answers at most 24 tokens
 
@@ -116,21 +117,9 @@ def test_an_unknown_or_someone_elses_answer_is_410(live_fake, fake_engine, answe
     assert frames[0]["type"] == "error" and frames[0]["status"] == 410 and not text_of(frames)
 
 
-def test_an_answer_nobody_comes_back_for_is_cancelled(make_app, fake_engine):
-    from tests.conftest import LiveServer
-
-    server = LiveServer(make_app(LLM_RESUME_SECONDS=0.5))
-    try:
-        start_and_drop(server, fake_engine, 1)
-        assert fake_engine.cancelled.wait(30)
-    finally:
-        server.close()
-
-
-def test_with_resuming_off_a_drop_cancels_at_once(make_app, fake_engine):
-    from tests.conftest import LiveServer
-
-    server = LiveServer(make_app(LLM_RESUME_SECONDS=0))
+@pytest.mark.parametrize("seconds", [0.5, 0], ids=["nobody-comes-back", "resuming-off"])
+def test_a_dropped_answer_is_cancelled_when_nobody_comes_back_or_resuming_is_off(make_app, fake_engine, seconds):
+    server = LiveServer(make_app(LLM_RESUME_SECONDS=seconds))
     try:
         start_and_drop(server, fake_engine, 1)
         assert fake_engine.cancelled.wait(30)
