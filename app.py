@@ -1,6 +1,6 @@
 """The service: ``create_app(config, engine)`` wires settings, engine, personalities and routes.
 
-``python app.py`` serves on HOST:PORT (default 127.0.0.1:5000) on the asyncio server of ``llm.server`` (uvicorn),
+``python app.py`` serves on HOST:PORT (default 127.0.0.1:5000) on the asyncio server of ``llm.web.server`` (uvicorn),
 which ``make run``, ``make serve`` and the Docker image all use. ``python app.py --help`` lists every setting.
 """
 
@@ -17,14 +17,14 @@ from typing import Any
 
 from flask import Flask
 
-from llm.chat import ChatService
-from llm.embeddings import Embeddings
+from llm.conversation.service import ChatService
+from llm.conversation.store import RetentionSweeper, SqlConversationStore
 from llm.engine import Engine
+from llm.engine.embeddings import Embeddings
 from llm.errors import ConfigError
 from llm.models import ModelSpec, resolve
 from llm.personalities import ModelChoice, Personality, PersonalityRegistry
 from llm.settings import SETTINGS, Settings, load_settings, settings_help_text
-from llm.store import RetentionSweeper, SqlConversationStore
 from rag.preprocess import Preprocessor
 
 ROOT = Path(__file__).resolve().parent
@@ -82,7 +82,7 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     personalities = PersonalityRegistry(directory if directory.is_absolute() else ROOT / directory)
     specs = ModelSpecs(settings)
     if engine is None:
-        from llm.pool import ModelPool
+        from llm.engine.pool import ModelPool
 
         engine = ModelPool(settings)
         engine.preload(specs())
@@ -97,11 +97,11 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     embeddings = Embeddings(settings, lambda: specs().path)
     app.extensions["llm"] = Services(settings, engine, personalities, specs, chat, store, preprocessor, embeddings)
 
-    from llm import auth, guard, limits
-    from llm.api import anthropic, embeddings, gpt, history, openai, pages, toil
-    from llm.api.answers import Answers
-    from llm.api.errors import register_error_handlers
-    from llm.api.socket import SocketRegistry
+    from llm.web import auth, guard, limits
+    from llm.web.api import anthropic, embeddings, gpt, history, openai, pages, toil
+    from llm.web.api.answers import Answers
+    from llm.web.api.errors import register_error_handlers
+    from llm.web.api.socket import SocketRegistry
 
     register_error_handlers(app)
     guard.install(app, settings)
@@ -117,7 +117,7 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     app.extensions["llm_sockets"] = SocketRegistry(settings.max_sockets_per_user,
                                                    settings.parallel + settings.queue_size + 8,
                                                    Answers(settings.resume_seconds))
-    from llm.observability import install_observability
+    from llm.web.observability import install_observability
 
     install_observability(app)
     return app
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip(), "\n")
         print(settings_help_text())
         return 0
-    from llm.logs import configure_logging
+    from llm.web.logs import configure_logging
 
     configure_logging()
     try:
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from llm.server import serve
+    from llm.web.server import serve
 
     print("Loading the model…", file=sys.stderr, flush=True)
     serve(app, on_started=lambda server: announce(app, server))

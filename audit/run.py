@@ -2,7 +2,7 @@
 against it, and print a table probe / expected / observed.
 
 The service is started the two ways users start it: ``python app.py`` (what ``make run`` runs) and ``make serve``;
-both are the same asyncio server (``llm.server``), so the table shows the same probes twice. Rate-limit probes
+both are the same asyncio server (``llm.web.server``), so the table shows the same probes twice. Rate-limit probes
 run against two more instances with ``LLM_RATE_LIMIT`` set (anonymous and keyed). Every connection stays on
 127.0.0.0/8. Exit status 1 when any probe fails.
 """

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import llama_cpp
 
-from llm.model import LoadedModel
+from llm.engine.model import LoadedModel
 from llm.models import ModelSpec
 from llm.settings import Settings
 

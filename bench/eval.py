@@ -81,7 +81,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("LLM_DATA_DIR", tempfile.mkdtemp(prefix="llm-eval-"))
     from app import create_app
-    from llm.server import BackgroundServer
+    from llm.web.server import BackgroundServer
 
     app = create_app()
     server = BackgroundServer(app)

@@ -42,9 +42,9 @@ from _raw import RawLlama
 from _servers import Server, missing_peer_modules, our_server, peer_server, write_personality
 
 from app import ModelSpecs
-from llm.model import gpu_layers
+from llm.engine.model import gpu_layers
+from llm.engine.tools import Tool, ToolUse
 from llm.settings import load_settings, physical_cores
-from llm.tools import Tool, ToolUse
 
 SYSTEM = "You are a helpful assistant."
 # Distinct questions of similar length: one per concurrent client and one per conversation turn. The embedded

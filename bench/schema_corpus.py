@@ -107,7 +107,7 @@ def _validates(schema: dict, text: str) -> bool:
 def answers(schemas: list[tuple[str, dict]], verdicts: list[str], args) -> list[str]:
     """Each accepted schema answered through /toil on the default model; every 200 validated again here."""
     from app import create_app
-    from llm.server import BackgroundServer
+    from llm.web.server import BackgroundServer
 
     app = create_app({"LLM_DATA_DIR": tempfile.mkdtemp(prefix="llm-corpus-")})
     server = BackgroundServer(app)
@@ -141,7 +141,7 @@ def main() -> int:
     if args.llama_worker:
         llama_worker(args.llama_worker)
         return 0
-    from llm.constraints import ConstraintCompiler
+    from llm.engine.constraints import ConstraintCompiler
     from llm.models import embedded_model_path
     from llm.settings import load_settings
 

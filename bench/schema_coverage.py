@@ -127,7 +127,7 @@ def run_ours(cases: list[Case], model_path: str) -> list[Outcome]:
     """Compile every schema twice (first and cached) and feed its instances through the matcher."""
     import llama_cpp
 
-    from llm.constraints import ConstraintCompiler
+    from llm.engine.constraints import ConstraintCompiler
 
     model = llama_cpp.Llama(model_path, vocab_only=True, verbose=False)
     compiler = ConstraintCompiler.for_llama_model(model)

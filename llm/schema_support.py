@@ -1,6 +1,6 @@
 """JSON Schema checks that need no tokenizer: limits, meta-validation, keyword screening and output validation.
 
-``llm.constraints`` turns a schema into a token-level grammar; this module decides beforehand whether a schema
+``llm.engine.constraints`` turns a schema into a token-level grammar; this module decides beforehand whether a schema
 is acceptable at all (400 for a broken one, 422 for one the grammar engine cannot enforce) and checks the final
 text against the schema, so an answer is never returned unvalidated.
 """

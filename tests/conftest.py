@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 
 from app import create_app
-from llm.fake import FakeEngine
-from llm.server import BackgroundServer
+from llm.engine.fake import FakeEngine
+from llm.web.server import BackgroundServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEST_PERSONALITIES = FIXTURES / "personalities"
 
 
 class LiveServer(BackgroundServer):
-    """The real serving stack (``llm.server``) on 127.0.0.1 (random port), for websocket and browser tests."""
+    """The real serving stack (``llm.web.server``) on 127.0.0.1 (random port), for websocket and browser tests."""
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import uuid
 import requests
 import websocket
 
-from llm.auth import ANON_COOKIE
+from llm.web.auth import ANON_COOKIE
 
 
 def browser(server) -> requests.Session:

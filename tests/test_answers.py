@@ -9,7 +9,7 @@ import time
 import pytest
 import websocket
 
-from llm.api.answers import MAX_DETACHED_PER_OWNER, Answers
+from llm.web.api.answers import MAX_DETACHED_PER_OWNER, Answers
 from tests.conftest import LiveServer
 
 WORDS = [f" w{i}" for i in range(20)]  # the greedy personality answers at most 24 tokens

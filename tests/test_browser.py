@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from llm.auth import ANON_COOKIE, ANON_PREFIX, anonymous_cookie
-from llm.conversations import Turn
+from llm.conversation.turns import Turn
 from llm.errors import Overloaded
+from llm.web.auth import ANON_COOKIE, ANON_PREFIX, anonymous_cookie
 from tests.conftest import TEST_PERSONALITIES, LiveServer
 
 pytestmark = pytest.mark.browser

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.chat_format import choose_format
+from llm.engine.chat_format import choose_format
 from llm.errors import ConfigError
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from llm.constraints import ConstraintCompiler, apply_bitmask, check_schema, validate_output
+from llm.engine.constraints import ConstraintCompiler, apply_bitmask, check_schema, validate_output
 from llm.errors import BadRequest, GenerationFailed, Unprocessable
 
 EOS = 256

@@ -16,7 +16,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from llm.constraints import ConstraintCompiler, validate_output
+from llm.engine.constraints import ConstraintCompiler, validate_output
 from llm.errors import BadRequest, GenerationFailed, Unprocessable
 from llm.models import embedded_model_path
 from llm.settings import load_settings

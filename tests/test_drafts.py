@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llm.drafts import PAUSE, PromptLookup
+from llm.engine.drafts import PAUSE, PromptLookup
 
 
 def test_the_tokens_that_followed_a_match_in_the_prompt_are_proposed():

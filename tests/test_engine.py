@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from llm.engine import GenerationRequest, JsonConstraint, SamplingParams
+from llm.engine.pool import ModelPool
+from llm.engine.scheduler import SuspendedStore, common_prefix
 from llm.errors import Overloaded
 from llm.models import ModelSpec, embedded_model_path
-from llm.pool import ModelPool
-from llm.scheduler import SuspendedStore, common_prefix
 from llm.schema_support import validate_output
 from llm.settings import load_settings
 

@@ -17,7 +17,7 @@ import websocket
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from llm.observability import install_observability
+from llm.web.observability import install_observability
 
 FUZZ = settings(max_examples=60, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,

@@ -41,7 +41,7 @@ def used_keys() -> tuple[set[str], set[str]]:
     template string (t(`versions.${what}`))."""
     literal, prefixes = set(), set()
     sources = [*SCRIPTS.values(), *((STATIC / page).read_text(encoding="utf-8") for page in PAGES),
-               (STATIC.parent / "llm" / "api" / "pages.py").read_text(encoding="utf-8")]
+               (STATIC.parent / "llm" / "web" / "api" / "pages.py").read_text(encoding="utf-8")]
     for text in sources:
         literal |= set(re.findall(r"""\bt\(['"]([\w.]+)['"]""", text))
         literal |= set(re.findall(r"data-i18n(?:-label|-placeholder|-title)?=\"([\w.]+)\"", text))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llm.engine import GenerationRequest, SamplingParams
-from llm.memory import GIB, describe, free_memory, kv_bytes_per_token, plan_cache
+from llm.engine.memory import GIB, describe, free_memory, kv_bytes_per_token, plan_cache
 from llm.models import ModelSpec, embedded_model_path
 from llm.settings import load_settings
 from tests.test_engine import make_pool

@@ -12,11 +12,11 @@ import websocket
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
+from llm.engine.fake import FakeEngine
 from llm.errors import ServiceError
-from llm.fake import FakeEngine
-from llm.logs import JsonFormatter, configure_logging
-from llm.metrics import Metrics
-from llm.observability import WINDOW_MINUTES, Observer, install_observability, percentiles
+from llm.web.logs import JsonFormatter, configure_logging
+from llm.web.metrics import Metrics
+from llm.web.observability import WINDOW_MINUTES, Observer, install_observability, percentiles
 from tests.conftest import TEST_PERSONALITIES, LiveServer
 
 POOL_STATS = {"loading": [], "load_errors": {}, "models": {"gemma.gguf": {

@@ -8,8 +8,8 @@ import datetime
 import pytest
 import websocket
 
-from llm.chat import date_line
-from llm.conversations import title_of
+from llm.conversation.service import date_line
+from llm.conversation.turns import title_of
 
 
 def ask_on_new_socket(server, message: str, query: str = "?end=session") -> tuple[str, str]:

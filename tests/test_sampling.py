@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llm.engine import SamplingParams
-from llm.sampling import TextStream
+from llm.engine.sampling import TextStream
 
 
 def feed_all(stream: TextStream, pieces: list[bytes]) -> str:

@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from llm.conversations import Turn
+from llm.conversation.store import SqlConversationStore
+from llm.conversation.turns import Turn
 from llm.errors import NotFound, ServiceError
-from llm.store import SqlConversationStore
 from tests.conftest import LiveServer
 
 
@@ -95,7 +95,7 @@ def test_conversations_from_before_variants_keep_their_order(tmp_path):
     """A database written before messages had parents (schema version 2) reads as the same linear conversation."""
     import sqlite3
 
-    from llm.store import MIGRATIONS
+    from llm.conversation.store import MIGRATIONS
 
     database = tmp_path / "old.db"
     with sqlite3.connect(database) as db:
@@ -303,7 +303,7 @@ def test_untrusted_proxy_header_is_ignored(make_app):
 
 def test_two_instances_share_a_postgres_conversation(postgres_url, model_file, tmp_path):
     from app import create_app
-    from llm.fake import FakeEngine
+    from llm.engine.fake import FakeEngine
     from tests.conftest import TEST_PERSONALITIES
 
     config = {"TESTING": True, "LLM_MODEL_FILE": model_file, "LLM_PERSONALITIES_DIR": str(TEST_PERSONALITIES),

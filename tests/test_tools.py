@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from app import create_app
+from llm.engine.tools import HERMES, LLAMA3, CallReader, Tool, ToolUse, check_tool, template_tool_format
 from llm.errors import BadRequest, GenerationFailed, IncompleteOutput
-from llm.tools import HERMES, LLAMA3, CallReader, Tool, ToolUse, check_tool, template_tool_format
 from tests.conftest import TEST_PERSONALITIES, LiveServer
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},

@@ -4,7 +4,7 @@ Events carry their fields as ``extra`` (``log.info("request", extra={"event": "r
 and ``JsonFormatter`` writes every extra field beside time, level, logger and message; a traceback becomes
 the string field ``exc_info``. Lines are ASCII (``ensure_ascii``) so a prompt holding U+2028, NUL or a lone
 surrogate can never split a line or break a log shipper. Prompts and answers are only logged when
-``LLM_LOG_TRANSCRIPTS`` is on; that decision belongs to the code that logs them (``llm.observability``).
+``LLM_LOG_TRANSCRIPTS`` is on; that decision belongs to the code that logs them (``llm.web.observability``).
 """
 
 from __future__ import annotations

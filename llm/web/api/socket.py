@@ -5,13 +5,13 @@ could not be read) before the answer, ``<ERROR> message`` frames and ``<END>``; 
 reference design's later clients (``LLM_SOCKET_END_SESSION`` or ``?end=session``) the end frame is
 ``<END session-id>``. ``?format=json`` sends ``{"type": "token"|"status"|"source"|"error"|"end", ...}`` frames for
 rich clients; each frame of an answer there also carries the answer's id and a sequence number, starting with a
-``start`` frame, so a client whose connection dropped can resume it (``llm.api.answers``:
+``start`` frame, so a client whose connection dropped can resume it (``llm.web.api.answers``:
 ``?format=json&resume=<answer>&after=<seq>``). A first prompt starting ``|SESSION|<id>|/SESSION|`` names the
 conversation; ``|STOP|`` stops the answer in progress. ``|REGENERATE|`` answers the last question again and
 ``|EDIT|<message id>|/EDIT|<text>`` replaces an earlier question (both keep the earlier variant: messages form a
-tree, see ``llm.store``).
+tree, see ``llm.conversation.store``).
 
-Served natively on the ASGI server (``llm.server``): frames are read by a coroutine, so an idle socket holds no
+Served natively on the ASGI server (``llm.web.server``): frames are read by a coroutine, so an idle socket holds no
 thread and ``|STOP|`` or a disconnect reach the engine at its next step; an answer runs in a thread of a bounded
 pool. The handshake runs the Flask app's own before-request hooks (authentication, allowed hosts and origins,
 the rate limit), so a websocket is admitted by exactly the rules HTTP requests are.
@@ -33,10 +33,10 @@ from urllib.parse import parse_qs
 from flask import Flask, g
 from werkzeug.test import EnvironBuilder
 
-from llm.api.answers import Answer, Answers
-from llm.auth import ANONYMOUS
 from llm.errors import BadRequest, Gone, NotFound, ServiceError, TooManyRequests
-from llm.limits import HANDSHAKE, identity
+from llm.web.api.answers import Answer, Answers
+from llm.web.auth import ANONYMOUS
+from llm.web.limits import HANDSHAKE, identity
 
 log = logging.getLogger(__name__)
 END, STOP = "<END>", "|STOP|"
@@ -78,7 +78,7 @@ class SocketSession:
     """One websocket's conversation and the answer in progress; ``answer`` runs in a worker thread.
 
     ``current`` is what ``|STOP|`` cancels: the turn, or in JSON mode the resumable answer around it (which a
-    closing socket detaches instead of cancelling, see ``llm.api.answers``)."""
+    closing socket detaches instead of cancelling, see ``llm.web.api.answers``)."""
 
     def __init__(self, llm: Any, send_text, personality: str, json_mode: bool, user: str, charge=None,
                  end_with_session: bool = False, answers: Answers | None = None, owner: str = ""):

@@ -1,6 +1,6 @@
 """What the service tells its operators: metrics, JSON log events and the figures behind ``/stats``.
 
-``install_observability(app)`` gives an app an ``Observer``: Flask hooks (``llm.api.ops``) report each HTTP
+``install_observability(app)`` gives an app an ``Observer``: Flask hooks (``llm.web.api.ops``) report each HTTP
 request to it, the chat service reports each answer (``turn_finished``), the RAG preprocessor each fetch
 (``metrics.fetch_outcome``) and the feedback route each rating (``feedback``). The observer updates the
 Prometheus metrics, writes a JSON log line and adds the event to a one-hour ring of per-minute buckets that
@@ -21,7 +21,7 @@ from typing import Any
 
 from flask import Flask, g, has_request_context
 
-from llm.metrics import Metrics
+from llm.web.metrics import Metrics
 
 log = logging.getLogger("llm.events")
 
@@ -113,7 +113,8 @@ class Observer:
                                                     "duration": round(duration, 4), "user": user})
 
     def turn_finished(self, turn: Any) -> None:
-        """One answer ended, however it ended (``llm.chat.ActiveTurn``); never raises into the answer's path."""
+        """One answer ended, however it ended (``llm.conversation.service.ActiveTurn``); never raises into the
+        answer's path."""
         try:
             self._turn_finished(turn)
         except Exception:
@@ -266,7 +267,7 @@ class Observer:
 
 def install_observability(app: Flask) -> Observer:
     """Metrics, request hooks, ``/metrics``, ``/stats`` and ``/stats.json`` for an app built by ``create_app``."""
-    from llm.api import ops
+    from llm.web.api import ops
 
     services = app.extensions["llm"]
     metrics = Metrics(services.engine.stats)

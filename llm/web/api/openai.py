@@ -1,8 +1,8 @@
 """An OpenAI-compatible API (``/v1``) with personalities as models, so existing clients work unchanged.
 
 Chat and text completions, streaming as server-sent events in OpenAI's chunk format, structured output with
-the same guarantees as ``/toil``, and errors in OpenAI's shape (rendered by ``llm.api.errors``). API keys
-(``LLM_API_KEYS``) are checked for every endpoint by ``llm.auth``.
+the same guarantees as ``/toil``, and errors in OpenAI's shape (rendered by ``llm.web.api.errors``). API keys
+(``LLM_API_KEYS``) are checked for every endpoint by ``llm.web.auth``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,13 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from llm.api import structured
-from llm.api.openai_output import (
+from llm.conversation.service import ActiveTurn, message_text
+from llm.engine import JsonConstraint
+from llm.engine.tools import ToolUse, check_tool
+from llm.errors import BadRequest, PayloadTooLarge
+from llm.schema_support import check_schema
+from llm.web.api import structured
+from llm.web.api.openai_output import (
     answer,
     chat_chunks,
     chat_logprobs,
@@ -27,12 +32,7 @@ from llm.api.openai_output import (
     text_logprobs,
     usage_of,
 )
-from llm.auth import current_user
-from llm.chat import ActiveTurn, message_text
-from llm.engine import JsonConstraint
-from llm.errors import BadRequest, PayloadTooLarge
-from llm.schema_support import check_schema
-from llm.tools import ToolUse, check_tool
+from llm.web.auth import current_user
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from llm.engine import GenerationRequest, GrammarConstraint, Handle, Message
+from llm.engine.model import LlamaLog, LoadedModel
+from llm.engine.scheduler import Job, Scheduler, common_prefix
 from llm.errors import Overloaded, PayloadTooLarge
-from llm.model import LlamaLog, LoadedModel
 from llm.models import ModelSpec
-from llm.scheduler import Job, Scheduler, common_prefix
 from llm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class ModelPool:
 
     def _compiler(self, worker: Worker):
         if worker.compiler is None:
-            from llm.constraints import ConstraintCompiler
+            from llm.engine.constraints import ConstraintCompiler
 
             worker.compiler = ConstraintCompiler.for_llama_model(worker.model.vocab, worker.model.n_vocab)
         return worker.compiler

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from llm.conversations import Conversation, Turn, check_id, title_of
+from llm.conversation.turns import Conversation, Turn, check_id, title_of
 from llm.errors import BadRequest, ConfigError, NotFound, ServiceError
 
 # Each entry migrates the schema from version i to i + 1. Never edit a released entry: append a new one.

@@ -27,7 +27,7 @@ def error_body(message: str, kind: str, status: int, param: str | None = None, c
     """The JSON body of an error, in Anthropic's shape under /v1/messages, OpenAI's elsewhere under /v1, ours
     everywhere else."""
     if request.path.startswith("/v1/messages"):
-        from llm.api.anthropic import error_body as anthropic_error
+        from llm.web.api.anthropic import error_body as anthropic_error
 
         return anthropic_error(message, status)
     if request.path.startswith("/v1/"):

@@ -156,7 +156,7 @@ class Embeddings:
             return self._model
 
     def _load(self, choice: str) -> Embedder:
-        from llm.model import gpu_layers
+        from llm.engine.model import gpu_layers
         from llm.settings import physical_cores
 
         settings = self.settings

@@ -1,9 +1,15 @@
-"""The engine's narrow interface: submit a request, iterate its text pieces, cancel.
+"""The engine: everything between a chat request and the model's tokens; here, its narrow interface: submit a
+request, iterate its text pieces, cancel.
+
+The package: ``pool`` (the real engine: loaded models, one ``scheduler`` each, continuous batching, the cache,
+``drafts`` for speculative decoding, ``memory`` for KV sizing), ``model`` (a GGUF through llama.cpp, its
+``chat_format`` and ``tools`` format), ``sampling`` and ``constraints`` (grammars from JSON Schemas and Lark),
+``embeddings`` (the model behind /v1/embeddings) and ``fake`` (a scripted engine for tests).
 
 Routes never touch llama.cpp. They build a ``GenerationRequest`` and get a ``Handle``: an iterator of text
 pieces fed by the scheduler thread through a queue, with ``cancel()`` for stop buttons and disconnects and
-the usage figures once it is done. The real engine (``llm.pool.ModelPool``) and the test double
-(``llm.fake.FakeEngine``) both implement ``Engine``.
+the usage figures once it is done. The real engine (``llm.engine.pool.ModelPool``) and the test double
+(``llm.engine.fake.FakeEngine``) both implement ``Engine``.
 """
 
 from __future__ import annotations
@@ -193,7 +199,7 @@ class Engine(Protocol):
         """Tokens a piece of plain text takes."""
 
     def tool_format(self, model: Any) -> str:
-        """How this model reads tools and writes calls (a name in ``llm.tools.TOOL_FORMATS``)."""
+        """How this model reads tools and writes calls (a name in ``llm.engine.tools.TOOL_FORMATS``)."""
 
     def forget(self, conversation: str) -> None:
         """Drop a conversation's cached state."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flask import Blueprint, current_app, jsonify, render_template_string, request, send_from_directory
 
-from llm.auth import give_anonymous_identity
+from llm.web.auth import give_anonymous_identity
 
 blueprint = Blueprint("pages", __name__)
 LANGUAGES = ("en", "fr")  # static/locales/<lang>.json

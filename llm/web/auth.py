@@ -169,7 +169,7 @@ def end_session():
 
 
 def install(app: Flask, settings) -> None:
-    from llm.limits import Budget
+    from llm.web.limits import Budget
 
     app.extensions["llm_auth_failures"] = Budget(settings.auth_failure_limit, "LLM_AUTH_FAILURE_LIMIT")
     app.extensions["llm_secret"] = load_secret(settings)

@@ -7,9 +7,9 @@ import re
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from llm.auth import current_user
-from llm.conversations import Conversation
+from llm.conversation.turns import Conversation
 from llm.errors import BadRequest, NotFound
+from llm.web.auth import current_user
 
 blueprint = Blueprint("history", __name__)
 MAX_PAGE = 100

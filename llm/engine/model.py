@@ -1,7 +1,7 @@
 """A loaded GGUF model: weights, vocabulary, metadata and chat format, through llama.cpp's C API.
 
 Tokenizing and formatting only read the vocabulary, so route threads may call them while the scheduler
-thread decodes; only the scheduler touches the context (see ``llm.scheduler``).
+thread decodes; only the scheduler touches the context (see ``llm.engine.scheduler``).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from collections.abc import Sequence
 
 import llama_cpp
 
-from llm.chat_format import ChatFormat, Message, choose_format
+from llm.engine.chat_format import ChatFormat, Message, choose_format
+from llm.engine.memory import kv_bytes_per_token
+from llm.engine.tools import ToolFormat, tool_format
 from llm.errors import ConfigError
-from llm.memory import kv_bytes_per_token
 from llm.models import ModelSpec
 from llm.settings import Settings
-from llm.tools import ToolFormat, tool_format
 
 log = logging.getLogger(__name__)
 LLAMA_LOG = logging.getLogger("llm.llama_cpp")

@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 from flask import Response
 
-from llm.chat import ActiveTurn
+from llm.conversation.service import ActiveTurn
 from llm.engine import TokenLogprob
+from llm.engine.tools import CallReader
 from llm.errors import IncompleteOutput, ServiceError
 from llm.schema_support import validate_output
-from llm.server import on_disconnect
-from llm.tools import CallReader
+from llm.web.server import on_disconnect
 
 IMPOSSIBLE = -9999.0  # OpenAI's log-probability for a token that cannot be chosen (JSON has no -inf)
 
@@ -243,7 +243,7 @@ def sse_lines(events: Iterator[dict], named: bool = False) -> Iterator[str]:
             yield f"{head}data: {json.dumps(event, ensure_ascii=False)}\n\n"
     except ServiceError as error:
         if named:
-            from llm.api.anthropic import error_body
+            from llm.web.api.anthropic import error_body
 
             yield f"event: error\ndata: {json.dumps(error_body(error.message, error.status))}\n\n"
         else:

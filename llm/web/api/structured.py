@@ -16,11 +16,11 @@ from typing import Any
 
 from flask import current_app
 
-from llm.chat import ActiveTurn, sampling_for
+from llm.conversation.service import ActiveTurn, sampling_for
 from llm.errors import BadRequest, GenerationFailed, IncompleteOutput, Unprocessable
 from llm.personalities import Personality
 from llm.schema_support import unchecked_formats, validate_output
-from llm.server import on_disconnect
+from llm.web.server import on_disconnect
 
 RETRY_TEMPERATURE = 0.7  # a greedy personality would answer the same again: resamples need some temperature
 

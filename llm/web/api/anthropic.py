@@ -5,8 +5,8 @@ system prompt (string or text blocks), multi-turn messages with text content blo
 ``temperature``/``top_p``/``top_k``, ``max_tokens`` (required, as in Anthropic's API) and streaming as Anthropic's
 server-sent events (``message_start``, ``content_block_delta``, ``message_delta``, ``message_stop``) and tool use
 (``tools``, ``tool_choice``, ``tool_use``/``tool_result`` blocks in the history, ``input_json_delta`` events), with
-calls constrained like ``/v1/chat/completions``'s (``llm.tools``). Errors come in Anthropic's shape
-(``llm.api.errors``).
+calls constrained like ``/v1/chat/completions``'s (``llm.engine.tools``). Errors come in Anthropic's shape
+(``llm.web.api.errors``).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from llm.api.openai import _number, body
-from llm.api.openai_output import sse_lines
-from llm.auth import current_user
-from llm.chat import ActiveTurn
+from llm.conversation.service import ActiveTurn
+from llm.engine.tools import CallReader, ToolUse, check_tool
 from llm.errors import BadRequest, PayloadTooLarge
-from llm.server import on_disconnect
-from llm.tools import CallReader, ToolUse, check_tool
+from llm.web.api.openai import _number, body
+from llm.web.api.openai_output import sse_lines
+from llm.web.auth import current_user
+from llm.web.server import on_disconnect
 
 blueprint = Blueprint("anthropic", __name__, url_prefix="/v1/messages")
 NOT_YET = ("thinking", "mcp_servers", "container")

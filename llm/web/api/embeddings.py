@@ -1,4 +1,4 @@
-"""``/v1/embeddings``: OpenAI's embeddings endpoint on the service's embedding model (``llm.embeddings``)."""
+"""``/v1/embeddings``: OpenAI's embeddings endpoint on the service's embedding model (``llm.engine.embeddings``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from llm.api.openai import _model_name, _number, body, services
-from llm.embeddings import MAX_INPUTS
+from llm.engine.embeddings import MAX_INPUTS
 from llm.errors import BadRequest
+from llm.web.api.openai import _model_name, _number, body, services
 
 blueprint = Blueprint("embeddings", __name__, url_prefix="/v1")
 

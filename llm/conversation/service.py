@@ -19,13 +19,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm.conversations import Conversation, Turn, title_of
+from llm.conversation.store import LAST
+from llm.conversation.turns import Conversation, Turn, title_of
 from llm.engine import Engine, GenerationRequest, GrammarConstraint, Handle, JsonConstraint, SamplingParams
+from llm.engine.tools import ToolFormat, ToolUse, model_history, tool_format
 from llm.errors import BadRequest, PayloadTooLarge
 from llm.models import ModelSpec
 from llm.personalities import Personality
-from llm.store import LAST
-from llm.tools import ToolFormat, ToolUse, model_history, tool_format
 
 MAX_PROMPT_CHARS = 200_000
 ANONYMOUS = "anonymous"
@@ -380,7 +380,7 @@ def message_text(message: Any, index: int) -> dict[str, str]:
 
 def _tool_marks(message: dict, index: int) -> dict[str, list]:
     """Tool use the API layer marked on a message (``calls``: (name, arguments) pairs on an assistant turn;
-    ``results``: texts on a user turn); ``llm.tools.model_history`` writes them in the model's format."""
+    ``results``: texts on a user turn); ``llm.engine.tools.model_history`` writes them in the model's format."""
     marks = {key: message[key] for key in ("calls", "results") if message.get(key)}
     calls_ok = all(isinstance(call, (list, tuple)) and len(call) == 2 and all(isinstance(part, str) for part in call)
                    for call in marks.get("calls", ()))

@@ -19,8 +19,8 @@ from limits import parse_many
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from llm.auth import is_anonymous
 from llm.errors import ConfigError, TooManyRequests
+from llm.web.auth import is_anonymous
 
 EXEMPT_PREFIXES = ("/health", "/static/", "/metrics")
 HANDSHAKE = "llm.websocket_handshake"  # environ flag: a socket's prompts are charged, not its handshake

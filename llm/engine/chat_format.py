@@ -20,8 +20,8 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import htmlsafe_json_dumps
 
+from llm.engine.tools import template_tool_format
 from llm.errors import ConfigError
-from llm.tools import template_tool_format
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 

@@ -2,7 +2,7 @@
 
 Decoding is constrained token by token to the schema (or to any JSON object without one); the finished text is
 then parsed and validated with ``jsonschema``, and resampled when the grammar enforced only a superset
-(``llm.api.structured``). A schema that is not valid is a 400, one that cannot be served a 422 naming why, an
+(``llm.web.api.structured``). A schema that is not valid is a 400, one that cannot be served a 422 naming why, an
 answer cut off by the token limit a 422: a client never receives a document that does not validate. Clients may
 set ``max_tokens`` (up to the context window; default: the room left in it) and ``timeout`` (seconds).
 """
@@ -14,12 +14,12 @@ import re
 
 from flask import Blueprint, Response, current_app, request
 
-from llm.api import structured
-from llm.api.gpt import sources_headers
-from llm.auth import current_user
 from llm.engine import JsonConstraint
 from llm.errors import BadRequest
 from llm.schema_support import check_schema, default_max_tokens
+from llm.web.api import structured
+from llm.web.api.gpt import sources_headers
+from llm.web.auth import current_user
 
 blueprint = Blueprint("toil", __name__)
 URL = re.compile(r"^https?://\S+$", re.IGNORECASE)

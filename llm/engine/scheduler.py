@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 import llama_cpp
 import numpy as np
 
-from llm.drafts import PromptLookup
 from llm.engine import Handle, SamplingParams, Usage
+from llm.engine.drafts import PromptLookup
+from llm.engine.memory import describe, free_memory, plan_cache
+from llm.engine.model import LoadedModel
+from llm.engine.sampling import TextStream, build_sampler, token_logprob
 from llm.errors import GenerationFailed, Overloaded, ServiceError
-from llm.memory import describe, free_memory, plan_cache
-from llm.model import LoadedModel
-from llm.sampling import TextStream, build_sampler, token_logprob
 from llm.settings import Settings
 
 log = logging.getLogger(__name__)

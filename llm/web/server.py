@@ -63,7 +63,7 @@ def on_disconnect(callback) -> None:
 
 
 class ServiceApp:
-    """The ASGI application: HTTP to Flask through a thread pool, websockets to ``llm.api.socket``."""
+    """The ASGI application: HTTP to Flask through a thread pool, websockets to ``llm.web.api.socket``."""
 
     def __init__(self, flask_app: Flask):
         self.flask = flask_app
@@ -75,7 +75,7 @@ class ServiceApp:
         if scope["type"] == "http":
             await self._http(scope, receive, send)
         elif scope["type"] == "websocket":
-            from llm.api.socket import serve_websocket
+            from llm.web.api.socket import serve_websocket
 
             await serve_websocket(self.flask, scope, receive, send)
         elif scope["type"] == "lifespan":

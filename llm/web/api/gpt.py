@@ -6,9 +6,9 @@ import json
 
 from flask import Blueprint, Response, current_app, request
 
-from llm.auth import current_user
 from llm.errors import BadRequest
-from llm.server import on_disconnect
+from llm.web.auth import current_user
+from llm.web.server import on_disconnect
 
 blueprint = Blueprint("gpt", __name__)
 

@@ -13,7 +13,7 @@ import time
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_from_directory
 
-from llm.metrics import CONTENT_TYPE
+from llm.web.metrics import CONTENT_TYPE
 
 blueprint = Blueprint("ops", __name__)
 log = logging.getLogger(__name__)

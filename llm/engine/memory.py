@@ -1,6 +1,6 @@
 """Sizing the KV cache from the memory actually free, and saying what was chosen.
 
-Each of ``LLM_PARALLEL`` sequences gets a stream of a whole context window (``llm.scheduler``), so the cache
+Each of ``LLM_PARALLEL`` sequences gets a stream of a whole context window (``llm.engine.scheduler``), so the cache
 costs parallel x window x (bytes per token). A 7B model with 32 x 4,096 slots wants about 16 GiB; a consumer
 GPU has less, and llama.cpp would fail to create the context. After the weights are loaded, the free memory of
 the device that holds the cache (the first GPU when layers are offloaded, else the host's available memory) is
