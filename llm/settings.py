@@ -125,6 +125,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLM_GPU_LAYERS", "gpu_layers", None, _gpu_layers,
             "Layers offloaded to the GPU. `auto` (default): all when llama.cpp was built with GPU support, "
             "none otherwise; `all` or `-1`: all; `0`: CPU only."),
+    Setting("LLM_UPSTREAMS", "upstreams", None, _text,
+            "Serve from OpenAI-compatible upstream servers instead of a model in this process: `url` or "
+            "`url|key`, comma-separated, each url ending in `/v1` (llama-server, llama-cpp-python's server, vLLM, "
+            "Ollama, another instance of this service). Least-loaded routing, failover before the first token, "
+            "health checks."),
+    Setting("LLM_UPSTREAM_TIMEOUT", "upstream_timeout", 60.0, _float(1.0),
+            "Seconds an upstream may take to start answering (and between two pieces of a streamed answer)."),
     Setting("LLM_CHAT_FORMAT", "chat_format", None, _text,
             "Force a chat format (gemma, chatml, llama3, phi3) for a GGUF without a chat template whose "
             "architecture does not tell its family. Default: the GGUF's template, else its architecture."),

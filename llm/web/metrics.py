@@ -82,6 +82,24 @@ class EngineCollector(Collector):
         errors = GaugeMetricFamily("llm_model_load_errors", "Models that failed to load.")
         errors.add_metric([], len(stats.get("load_errors") or {}))
         yield errors
+        yield from _upstream_metrics(stats.get("upstreams") or {})
+
+
+# A remote engine's per-upstream figures (llm.engine.remote): (key, metric, help, is a counter)
+UPSTREAM_FIGURES = (
+    ("healthy", "llm_upstream_healthy", "1 while the upstream answers, 0 while it is marked down.", False),
+    ("in_flight", "llm_upstream_in_flight", "Requests the upstream is answering now.", False),
+    ("answered", "llm_upstream_answered", "Answers the upstream finished.", True),
+    ("failures", "llm_upstream_failures", "Times the upstream failed (and was marked down).", True),
+)
+
+
+def _upstream_metrics(upstreams: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    for key, name, text, counter in UPSTREAM_FIGURES:
+        family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, text, labels=["upstream"])
+        for upstream, figures in sorted(upstreams.items()):
+            family.add_metric([upstream], float(figures.get(key, 0)))
+        yield family
 
 
 class Metrics:
