@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import requests
@@ -57,7 +57,6 @@ class Upstream:
     tokenizer: str | None = None  # "extras" | "server" | "" (none), found on first use
     structured: str | None = None  # how it takes a JSON Schema: "json_schema" (OpenAI's), "json_object" (with a
     # "schema", llama-cpp-python's) or "" (not at all: the answer is only validated here); found on first use
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def name(self) -> str:
