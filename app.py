@@ -81,14 +81,10 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     directory = Path(settings.personalities_dir)
     personalities = PersonalityRegistry(directory if directory.is_absolute() else ROOT / directory)
     specs = ModelSpecs(settings)
-    if engine is None and settings.upstreams:
-        from llm.engine.remote import RemoteEngine, parse_upstreams
+    if engine is None:
+        from llm.engine.router import EngineRouter
 
-        engine = RemoteEngine(parse_upstreams(settings.upstreams), settings.upstream_timeout)
-    elif engine is None:
-        from llm.engine.pool import ModelPool
-
-        engine = ModelPool(settings)
+        engine = EngineRouter(settings)
         engine.preload(specs())
     store = SqlConversationStore(settings.database_url or
                                  f"sqlite:///{Path(settings.data_dir).expanduser() / 'conversations.db'}",

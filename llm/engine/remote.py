@@ -3,7 +3,8 @@ llama-server, llama-cpp-python's server, vLLM, Ollama, TGI, another instance of 
 in this process. Everything above the engine stays ours: personalities, RAG, conversations, users, ``/toil``'s
 validation (an upstream's answer is checked here like a local one).
 
-``LLM_UPSTREAMS`` lists them (``url`` or ``url|key``, comma-separated; the url ends in ``/v1``). Each request
+``LLM_UPSTREAMS`` lists them for the whole service, a personality's ``[model] upstreams`` for that personality
+(``url``, ``url|key`` or ``url|$VARIABLE``; the url ends in ``/v1``). Each request
 goes to the healthy upstream with the fewest requests in flight; one that cannot be reached before its first
 token is marked down and the next one tried (failover), one that fails mid-answer ends that answer with a 502
 naming it (its text so far was already streamed: it is never silently spliced with another's). A background
@@ -17,10 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,17 +72,28 @@ class Upstream:
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
 
 
-def parse_upstreams(spec: str) -> list[Upstream]:
-    """``LLM_UPSTREAMS``: ``url`` or ``url|key``, comma-separated; each url an http(s) OpenAI base ending in /v1."""
+def split_upstreams(spec: str) -> tuple[str, ...]:
+    """``LLM_UPSTREAMS``'s comma-separated items."""
+    return tuple(filter(None, (part.strip() for part in spec.split(","))))
+
+
+def parse_upstreams(items: str | Iterable[str], where: str = "LLM_UPSTREAMS") -> list[Upstream]:
+    """Each item ``url``, ``url|key`` or ``url|$VARIABLE`` (the key read from that environment variable, so that
+    personality files need not hold secrets); each url an http(s) OpenAI base ending in /v1. A string is
+    ``LLM_UPSTREAMS``'s comma-separated list."""
     upstreams = []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
+    for item in split_upstreams(items) if isinstance(items, str) else items:
         url, _, key = item.partition("|")
-        url = url.strip().rstrip("/")
+        url, key = url.strip().rstrip("/"), key.strip()
         if not url.startswith(("http://", "https://")) or not url.endswith("/v1"):
-            raise ConfigError(f"LLM_UPSTREAMS: {url!r} must be an http(s) URL ending in /v1.")
-        upstreams.append(Upstream(url, key.strip()))
+            raise ConfigError(f"{where}: {url!r} must be an http(s) URL ending in /v1.")
+        if key.startswith("$"):
+            if not os.environ.get(key[1:]):
+                raise ConfigError(f"{where}: the key of {url} is read from ${key[1:]}, which is not set.")
+            key = os.environ[key[1:]]
+        upstreams.append(Upstream(url, key))
     if not upstreams:
-        raise ConfigError("LLM_UPSTREAMS names no upstream.")
+        raise ConfigError(f"{where} names no upstream.")
     return upstreams
 
 
@@ -140,8 +153,6 @@ class RemoteEngine:
     # ----- the Engine interface --------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> Handle:
-        if request.raw_prompt is not None:
-            raise Unprocessable("Plain completions are not served through a remote engine; use chat.")
         if isinstance(request.constraint, GrammarConstraint):
             raise Unprocessable("Tool calling is served by the local engine only (its grammar cannot be sent "
                                 "upstream); ask without tools.")
@@ -151,8 +162,10 @@ class RemoteEngine:
 
     def _body(self, upstream: Upstream, request: GenerationRequest, structured: str) -> dict[str, Any]:
         sampling = request.sampling
+        text = ({"prompt": request.raw_prompt} if request.raw_prompt is not None
+                else {"messages": [dict(m) for m in request.messages]})
         body: dict[str, Any] = {
-            "model": self._model_of(upstream), "messages": [dict(m) for m in request.messages], "stream": True,
+            "model": self._model_of(upstream), **text, "stream": True,
             "max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
             "stream_options": {"include_usage": True}}
         if sampling.stop:
@@ -220,7 +233,8 @@ class RemoteEngine:
 
     def _post(self, upstream: Upstream, body: dict[str, Any]):
         try:
-            return self._session.post(f"{upstream.url}/chat/completions", json=body, headers=upstream.headers(),
+            endpoint = "completions" if "prompt" in body else "chat/completions"
+            return self._session.post(f"{upstream.url}/{endpoint}", json=body, headers=upstream.headers(),
                                       stream=True, timeout=(5, self.timeout))
         except requests.Timeout:
             raise _Unreachable(f"no answer within {self.timeout:g} s") from None
@@ -243,7 +257,7 @@ class RemoteEngine:
                     usage.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
                     usage.completion_tokens = chunk["usage"].get("completion_tokens", 0)
                 for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") or ""
+                    text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
                     if text:
                         first = first or time.monotonic()
                         produced += 1
