@@ -45,11 +45,13 @@ run: install
 serve: install
 	$(PY) app.py
 
-# Debian packages the tests drive for real: Chromium for the chat page, PostgreSQL for the shared store.
+# Debian packages the tests drive for real: Chromium for the chat page, PostgreSQL for the shared store, nginx in
+# front of two replicas.
 test-deps:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium chromium-driver"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="$$missing nginx-light"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -126,16 +126,17 @@ def _terminate(process: subprocess.Popen) -> None:
             return
 
 
-def our_server(model: str, threads: int, personalities: Path, gpu_layers: int | None = None) -> Server:
+def our_server(model: str, threads: int, personalities: Path, gpu_layers: int | None = None,
+               name: str = "ours", **settings: str) -> Server:
     """``python app.py`` with the bench personality, the given model file, thread count and GPU layers (None: the
-    service's own default)."""
+    service's own default); ``settings`` add or replace environment variables (``DATABASE_URL``...)."""
     port = free_port()
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "LLM_MODEL_FILE": model,
            "LLM_CPU_THREADS": str(threads), "LLM_PERSONALITIES_DIR": str(personalities),
-           "DATABASE_URL": f"sqlite:///{personalities / 'bench.db'}"}
+           "DATABASE_URL": f"sqlite:///{personalities / 'bench.db'}", **settings}
     if gpu_layers is not None:
         env["LLM_GPU_LAYERS"] = str(gpu_layers)
-    return Server("ours", [sys.executable, "app.py"], env, port, "/health")
+    return Server(name, [sys.executable, "app.py"], env, port, "/health")
 
 
 def peer_server(model: str, threads: int, context: int, gpu_layers: int = 0) -> Server:
