@@ -35,6 +35,7 @@ class ModelSpec:
     path: str
     context_window: int
     upstreams: tuple[str, ...] = field(default=(), repr=False)  # may hold keys: never in a log line
+    tokenizer: str | None = None  # the upstreams' tokenizer, read here when they have no /tokenize
 
     @property
     def name(self) -> str:
@@ -55,11 +56,11 @@ def resolve(choice: ModelChoice, settings: Settings) -> ModelSpec:
     """Turn a choice into a local GGUF path, downloading or assembling it when needed, or into upstreams."""
     window = choice.context_window or settings.context_window
     if choice.upstreams:
-        return ModelSpec("", window, choice.upstreams)
+        return ModelSpec("", window, choice.upstreams, choice.tokenizer)
     if choice.is_default and settings.upstreams:
         from llm.engine.remote import split_upstreams
 
-        return ModelSpec("", window, split_upstreams(settings.upstreams))
+        return ModelSpec("", window, split_upstreams(settings.upstreams), settings.upstream_tokenizer)
     if choice.is_default:
         choice = ModelChoice(
             file=settings.model_file,

@@ -31,6 +31,7 @@ class ModelChoice:
     model."""
 
     upstreams: tuple[str, ...] = ()  # as written: "url", "url|key" or "url|$VARIABLE" (see llm.engine.remote)
+    tokenizer: str | None = None  # the upstreams' tokenizer read here (a GGUF or a tokenizer.json)
     file: str | None = None
     huggingface_repo: str | None = None
     huggingface_file: str | None = None
@@ -101,6 +102,13 @@ def parse_personality(path: Path, validator: jsonschema.protocols.Validator) -> 
 
         model["upstreams"] = tuple(model["upstreams"])
         parse_upstreams(model["upstreams"], f"Personality file {path}: field 'model/upstreams'")  # keys exist
+        if "tokenizer" in model:
+            model["tokenizer"] = str((path.parent / model["tokenizer"]).resolve())
+            if not Path(model["tokenizer"]).is_file():
+                raise ConfigError(f"Personality file {path}: field 'model/tokenizer': file {model['tokenizer']} "
+                                  f"does not exist")
+    elif "tokenizer" in model:
+        raise ConfigError(f"Personality file {path}: field 'model/tokenizer' is for upstreams only")
     return Personality(
         name=data["name"],
         description=data["description"],

@@ -130,6 +130,10 @@ SETTINGS: tuple[Setting, ...] = (
             "`url|key`, comma-separated, each url ending in `/v1` (llama-server, llama-cpp-python's server, vLLM, "
             "Ollama, another instance of this service). Least-loaded routing, failover before the first token, "
             "health checks."),
+    Setting("LLM_UPSTREAM_TOKENIZER", "upstream_tokenizer", None, _text,
+            "The upstreams' tokenizer, read here when they offer no `/tokenize`: a GGUF of their model (only its "
+            "vocabulary is loaded) or a Hugging Face `tokenizer.json`. Without either, token counts are a "
+            "conservative estimate (one token per three characters, plus eight per message)."),
     Setting("LLM_UPSTREAM_TIMEOUT", "upstream_timeout", 60.0, _float(1.0),
             "Seconds an upstream may take to start answering (and between two pieces of a streamed answer)."),
     Setting("LLM_CHAT_FORMAT", "chat_format", None, _text,

@@ -18,7 +18,7 @@ import websocket
 
 from app import create_app
 from bench._servers import free_port
-from llm.engine.remote import RemoteEngine, Upstream, parse_upstreams
+from llm.engine.remote import LocalTokenizer, RemoteEngine, Upstream, parse_upstreams
 from llm.errors import ConfigError, Overloaded
 from llm.models import embedded_model_path
 from llm.personalities import load_validator, parse_personality
@@ -221,7 +221,8 @@ def test_one_personality_remote_the_others_local(upstream, tmp_path, monkeypatch
     directory = tmp_path / "personalities"
     shutil.copytree(TEST_PERSONALITIES, directory)
     text = (TEST_PERSONALITIES / "greedy.toml").read_text().replace('name = "greedy"', 'name = "far"')
-    (directory / "far.toml").write_text(f'{text}\n[model]\nupstreams = ["{upstream.url}|$TEST_UPSTREAM_KEY"]\n')
+    (directory / "far.toml").write_text(f'{text}\n[model]\nupstreams = ["{upstream.url}|$TEST_UPSTREAM_KEY"]\n'
+                                        f'tokenizer = "{MODEL}"\n')
     app = create_app({"TESTING": True, "LLM_PERSONALITIES_DIR": str(directory), "LLM_CONTEXT_WINDOW": 2048,
                       "DATABASE_URL": f"sqlite:///{tmp_path / 'c.db'}"})
     llm = app.extensions["llm"]
@@ -232,8 +233,8 @@ def test_one_personality_remote_the_others_local(upstream, tmp_path, monkeypatch
             models = client.get("/v1/models").get_json()["data"]
         assert far.status_code == 200 and near.status_code == 200 and far.get_data(as_text=True)
         remote = llm.engine.engine_for(llm.specs(llm.personalities.get("far")))
-        assert remote.upstreams[0].key == "s3cret" and remote.stats()["upstreams"][remote.upstreams[0].name][
-            "answered"] == 1
+        assert remote.tokenizer is not None and remote.upstreams[0].key == "s3cret"
+        assert remote.stats()["upstreams"][remote.upstreams[0].name]["answered"] == 1
         stats = llm.engine.stats()  # the local model's figures and the upstream's, side by side
         assert stats["models"] and remote.upstreams[0].name in stats["upstreams"]
         assert {m["id"] for m in models} >= {"far", "greedy"}
@@ -245,6 +246,8 @@ def test_one_personality_remote_the_others_local(upstream, tmp_path, monkeypatch
     ('upstreams = ["http://a:1/v1|$NO_SUCH_KEY_VARIABLE"]', r"\$NO_SUCH_KEY_VARIABLE, which is not set"),
     ('upstreams = ["http://a:1/v1"]\nfile = "x.gguf"', "exclude each other"),
     ('upstreams = ["http://a:1/chat"]', "model/upstreams"),
+    ('upstreams = ["http://a:1/v1"]\ntokenizer = "missing.gguf"', "model/tokenizer.*does not exist"),
+    ('tokenizer = "x.gguf"', "for upstreams only"),
 ])
 def test_bad_personality_upstreams_name_the_file(tmp_path, model, message):
     path = tmp_path / "far.toml"
@@ -252,3 +255,32 @@ def test_bad_personality_upstreams_name_the_file(tmp_path, model, message):
     path.write_text(f"{text}\n[model]\n{model}\n")
     with pytest.raises(ConfigError, match=message):
         parse_personality(path, load_validator())
+
+
+def test_a_local_tokenizer_counts_for_upstreams_without_one(upstream, tmp_path):
+    """An upstream without a tokenize endpoint: the GGUF of its model, read here, gives the very counts the
+    upstream's own tokenizer gives; a Hugging Face tokenizer.json works the same way."""
+    text = "Hello there, how are you today? Fine, thanks."
+    asked = RemoteEngine(parse_upstreams(upstream.url))
+    local = RemoteEngine(parse_upstreams(upstream.url), tokenizer=LocalTokenizer(MODEL))
+    local.upstreams[0].tokenizer = ""  # as if it had no endpoint
+    try:
+        theirs, mine = asked.count_text_tokens(None, text), local.count_text_tokens(None, text)
+        assert asked.upstreams[0].tokenizer == "extras" and mine == theirs
+        assert mine != len(text) // 3 + 1  # not the estimate
+    finally:
+        asked.close()
+        local.close()
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "there": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(tmp_path / "tokenizer.json"))
+    assert LocalTokenizer(str(tmp_path / "tokenizer.json")).count("hello there friend") == 3
+
+
+@pytest.mark.parametrize("name", ["missing.gguf", "notes.txt"])
+def test_bad_local_tokenizers_stop_start_up(tmp_path, name):
+    (tmp_path / "notes.txt").write_text("not a tokenizer")
+    with pytest.raises(ConfigError, match="upstream tokenizer"):
+        LocalTokenizer(str(tmp_path / name))

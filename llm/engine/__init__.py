@@ -4,12 +4,14 @@ request, iterate its text pieces, cancel.
 The package: ``pool`` (the real engine: loaded models, one ``scheduler`` each, continuous batching, the cache,
 ``drafts`` for speculative decoding, ``memory`` for KV sizing), ``model`` (a GGUF through llama.cpp, its
 ``chat_format`` and ``tools`` format), ``sampling`` and ``constraints`` (grammars from JSON Schemas and Lark),
-``embeddings`` (the model behind /v1/embeddings) and ``fake`` (a scripted engine for tests).
+``embeddings`` (the model behind /v1/embeddings), ``remote`` (the same interface served by OpenAI-compatible
+upstreams), ``router`` (the service's engine: each request to the local pool or the remote engine its model
+names) and ``fake`` (a scripted engine for tests).
 
 Routes never touch llama.cpp. They build a ``GenerationRequest`` and get a ``Handle``: an iterator of text
 pieces fed by the scheduler thread through a queue, with ``cancel()`` for stop buttons and disconnects and
-the usage figures once it is done. The real engine (``llm.engine.pool.ModelPool``) and the test double
-(``llm.engine.fake.FakeEngine``) both implement ``Engine``.
+the usage figures once it is done. The real engines (``pool.ModelPool``, ``remote.RemoteEngine`` and
+``router.EngineRouter`` over both) and the test double (``fake.FakeEngine``) all implement ``Engine``.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ token is marked down and the next one tried (failover), one that fails mid-answe
 naming it (its text so far was already streamed: it is never silently spliced with another's). A background
 check (``GET /models``) brings upstreams back. Stop and disconnect close the upstream stream at once, so the
 upstream stops generating. Token counts use the upstream's tokenizer when it has one (llama-cpp-python's
-``/extras/tokenize``, llama-server's ``/tokenize``), else a deliberate over-estimate of one token per three
-characters plus eight per message, so budgets and history trimming never overflow the upstream's window.
+``/extras/tokenize``, llama-server's and vLLM's ``/tokenize``), else a local copy of it when one is configured
+(``LocalTokenizer``), else a deliberate over-estimate of one token per three characters plus eight per message,
+so budgets and history trimming never overflow the upstream's window.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -97,12 +99,44 @@ def parse_upstreams(items: str | Iterable[str], where: str = "LLM_UPSTREAMS") ->
     return upstreams
 
 
+class LocalTokenizer:
+    """The upstreams' tokenizer read here, for upstreams without a tokenize endpoint (Ollama, OpenAI's API): a GGUF
+    of their model through llama.cpp (vocabulary only: no weights are loaded) or a Hugging Face ``tokenizer.json``
+    (the ``tokenizers`` library, which vLLM and TGI models ship for)."""
+
+    def __init__(self, path: str):
+        self._llama = self._tokenizer = None
+        if not Path(path).is_file() or not path.endswith((".gguf", ".json")):
+            raise ConfigError(f"The upstream tokenizer {path} must be an existing .gguf or tokenizer .json file.")
+        try:
+            if path.endswith(".gguf"):
+                import llama_cpp
+
+                self._llama = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+            else:
+                from tokenizers import Tokenizer
+
+                self._tokenizer = Tokenizer.from_file(path)
+        except Exception as error:  # noqa: BLE001 - llama.cpp and tokenizers raise their own kinds
+            raise ConfigError(f"The upstream tokenizer {path} cannot be read: {error}") from None
+
+    def count(self, text: str) -> int:
+        if self._llama is not None:
+            return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def close(self) -> None:
+        if self._llama is not None:
+            self._llama.close()
+
+
 class RemoteEngine:
     """Implements ``llm.engine.Engine`` over HTTP (see the module's docstring)."""
 
     def __init__(self, upstreams: list[Upstream], timeout: float = 60.0,
-                 session_factory: Callable[[], requests.Session] = requests.Session):
-        self.upstreams, self.timeout = upstreams, timeout
+                 session_factory: Callable[[], requests.Session] = requests.Session,
+                 tokenizer: LocalTokenizer | None = None):
+        self.upstreams, self.timeout, self.tokenizer = upstreams, timeout, tokenizer
         self._session = session_factory()
         self._lock = threading.Lock()
         self._counts: OrderedDict[str, int] = OrderedDict()  # text -> tokens, least recently used first
@@ -284,13 +318,15 @@ class RemoteEngine:
 
     def count_text_tokens(self, model: Any, text: str) -> int:
         """The upstream's count (remembered: history trimming counts the same turns again and again), else the
-        over-estimate."""
+        local tokenizer's, else the over-estimate."""
         with self._lock:
             if text in self._counts:
                 self._counts.move_to_end(text)
                 return self._counts[text]
         upstream = next((u for u in self.upstreams if u.healthy), None)
         counted = self._tokenize(upstream, text) if upstream is not None and text else None
+        if counted is None and self.tokenizer is not None:
+            counted = self.tokenizer.count(text)
         if counted is None:
             return len(text) // CHARS_PER_TOKEN + 1
         with self._lock:
@@ -339,6 +375,8 @@ class RemoteEngine:
     def close(self) -> None:
         self._closed.set()
         self._session.close()
+        if self.tokenizer is not None:
+            self.tokenizer.close()
 
 
 class _Unreachable(Exception):

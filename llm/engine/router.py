@@ -3,8 +3,8 @@ personalities from models in this process and others from remote upstreams.
 
 A model with a path goes to the local ``ModelPool`` (created on first use: a service whose every personality
 is remote never imports llama.cpp's scheduler); a model with upstreams goes to the ``RemoteEngine`` for that
-list of upstreams, one per distinct list, so two personalities naming the same servers share their routing,
-health checks and counters.
+list of upstreams (and local tokenizer), one per distinct list, so two personalities naming the same servers
+share their routing, health checks and counters.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llm.engine import Engine, GenerationRequest, Handle, Message
-from llm.engine.remote import RemoteEngine, parse_upstreams
+from llm.engine.remote import LocalTokenizer, RemoteEngine, parse_upstreams
 from llm.models import ModelSpec
 from llm.settings import Settings
 
@@ -26,16 +26,17 @@ class EngineRouter:
         self.settings = settings
         self._lock = threading.Lock()
         self._local: Any = None
-        self._remote: dict[tuple[str, ...], RemoteEngine] = {}
+        self._remote: dict[tuple[tuple[str, ...], str | None], RemoteEngine] = {}
 
     def engine_for(self, model: ModelSpec) -> Engine:
         with self._lock:
             if model.upstreams:
-                engine = self._remote.get(model.upstreams)
-                if engine is None:
-                    engine = RemoteEngine(parse_upstreams(model.upstreams), self.settings.upstream_timeout)
-                    self._remote[model.upstreams] = engine
-                return engine
+                key = (model.upstreams, model.tokenizer)
+                if key not in self._remote:
+                    tokenizer = LocalTokenizer(model.tokenizer) if model.tokenizer else None
+                    self._remote[key] = RemoteEngine(parse_upstreams(model.upstreams), self.settings.upstream_timeout,
+                                                     tokenizer=tokenizer)
+                return self._remote[key]
             if self._local is None:
                 from llm.engine.pool import ModelPool
 
