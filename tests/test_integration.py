@@ -170,7 +170,7 @@ def test_ignore_eos_runs_to_max_tokens_and_logit_bias_steers(real_app):
                                                                              ignore_eos=True)))
     longer.text()
     assert longer.finish_reason == "length" and longer.usage.completion_tokens == 64
-    model = engine._worker(spec).model
+    model = engine.engine_for(spec)._worker(spec).model
     first = model.tokenize_plain(text)[0]
     steered = engine.submit(GenerationRequest(spec, messages, SamplingParams(
         temperature=0, max_tokens=8, logit_bias=((first, float("-inf")),)))).text()
