@@ -22,6 +22,8 @@ from llm.conversation.store import RetentionSweeper, SqlConversationStore
 from llm.engine import Engine
 from llm.engine.embeddings import Embeddings
 from llm.errors import ConfigError
+from llm.knowledge.documents import Limits
+from llm.knowledge.index import KnowledgeIndex
 from llm.models import ModelSpec, resolve
 from llm.personalities import ModelChoice, Personality, PersonalityRegistry
 from llm.settings import SETTINGS, Settings, load_settings, settings_help_text
@@ -59,6 +61,7 @@ class Services:
     store: Any
     preprocessor: Any
     embeddings: Embeddings
+    knowledge: KnowledgeIndex
 
 
 def _split_config(config: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -91,14 +94,17 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
                                  settings.max_conversations_per_user)
     if settings.retention_days > 0:
         RetentionSweeper(store, engine, settings.retention_days).start()
-    preprocessor = Preprocessor(settings)
+    embeddings = Embeddings(settings, lambda: specs().path)
+    knowledge = KnowledgeIndex(str(Path(settings.data_dir).expanduser() / "knowledge.db"), embeddings,
+                               Limits(max_bytes=settings.knowledge_max_file_bytes), settings.knowledge_quota_bytes)
+    preprocessor = Preprocessor(settings, library=knowledge)
     chat = ChatService(engine, personalities, store, specs, preprocessor,
                        max_prompt_tokens=settings.max_prompt_tokens)
-    embeddings = Embeddings(settings, lambda: specs().path)
-    app.extensions["llm"] = Services(settings, engine, personalities, specs, chat, store, preprocessor, embeddings)
+    app.extensions["llm"] = Services(settings, engine, personalities, specs, chat, store, preprocessor, embeddings,
+                                     knowledge)
 
     from llm.web import auth, guard, limits
-    from llm.web.api import anthropic, embeddings, gpt, history, openai, pages, toil
+    from llm.web.api import anthropic, embeddings, gpt, history, knowledge, openai, pages, toil
     from llm.web.api.answers import Answers
     from llm.web.api.errors import register_error_handlers
     from llm.web.api.socket import SocketRegistry
@@ -114,6 +120,7 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     app.register_blueprint(openai.blueprint)
     app.register_blueprint(anthropic.blueprint)
     app.register_blueprint(embeddings.blueprint)
+    app.register_blueprint(knowledge.blueprint)
     app.extensions["llm_sockets"] = SocketRegistry(settings.max_sockets_per_user,
                                                    settings.parallel + settings.queue_size + 8,
                                                    Answers(settings.resume_seconds))

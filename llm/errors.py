@@ -54,6 +54,19 @@ class PayloadTooLarge(ServiceError):
     type = "prompt_too_large"
 
 
+class FileTooLarge(PayloadTooLarge):
+    """An upload over a limit: its bytes, pages or passages, or what it would unpack to."""
+
+    type = "file_too_large"
+
+
+class UnsupportedType(ServiceError):
+    """An upload of a kind the service does not read."""
+
+    status = 415
+    type = "unsupported_media_type"
+
+
 class Unprocessable(ServiceError):
     """Well-formed input the service cannot honour (e.g. a schema keyword it cannot enforce)."""
 

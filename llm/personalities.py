@@ -58,6 +58,7 @@ class Personality:
     model: ModelChoice = field(default_factory=ModelChoice)
     feeds: tuple[dict[str, Any], ...] = ()
     knowledge: tuple[Path, ...] = ()
+    knowledge_bases: tuple[str, ...] = ()  # "owner/base", searched for everyone
     path: Path | None = None
 
     def public(self) -> dict[str, Any]:
@@ -122,6 +123,7 @@ def parse_personality(path: Path, validator: jsonschema.protocols.Validator) -> 
         model=ModelChoice(**model),
         feeds=tuple(data.get("feeds", ())),
         knowledge=knowledge,
+        knowledge_bases=tuple(data.get("knowledge_bases", ())),
         path=path,
     )
 

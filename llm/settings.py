@@ -183,6 +183,13 @@ SETTINGS: tuple[Setting, ...] = (
             "up to LLM_REQUEST_TIMEOUT)."),
     Setting("LLM_RAG_LENGTH", "rag_length", 1024, _int(0),
             "Tokens of fetched or retrieved context added to a prompt (cut at a sentence or entry boundary)."),
+    Setting("LLM_KNOWLEDGE_PASSAGES", "knowledge_passages", 5, _int(0, 50),
+            "Passages of knowledge bases (the user's own and the personality's) retrieved for each question, best "
+            "first, within LLM_RAG_LENGTH; 0 turns retrieval from knowledge bases off."),
+    Setting("LLM_KNOWLEDGE_MAX_FILE_BYTES", "knowledge_max_file_bytes", 20_000_000, _int(1024),
+            "Largest document one upload may add to a knowledge base."),
+    Setting("LLM_KNOWLEDGE_QUOTA_BYTES", "knowledge_quota_bytes", 200_000_000, _int(0),
+            "What one user's documents may weigh in all (0: no limit)."),
     Setting("LLM_FETCH_TIMEOUT", "fetch_timeout", 10.0, _float(0.1),
             "Seconds to connect to, and between reads from, a fetched URL."),
     Setting("LLM_FETCH_MAX_BYTES", "fetch_max_bytes", 5_000_000, _int(1024),

@@ -42,10 +42,12 @@ _BRACKETS = {")": "(", "]": "[", ">": "<", "}": "{"}
 
 @dataclass
 class Source:
-    """Where context came from: a page or feed (with its URL) or a knowledge file (url None, title = name)."""
+    """Where context came from: a page or feed (with its URL), a knowledge file (url None, title = name), or a
+    knowledge base passage (``number``: how the answer cites it; the url opens the document there)."""
 
     title: str
     url: str | None
+    number: int | None = None
 
 
 @dataclass
@@ -106,19 +108,22 @@ class Preprocessor:
     """
 
     def __init__(self, settings: Any, fetcher: SafeFetcher | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, library: Any = None):
         self.settings = settings
         self.fetcher = fetcher or SafeFetcher(settings, clock=clock)
         self.knowledge = KnowledgeBase()
+        self.library = library  # knowledge bases (llm.knowledge.index.KnowledgeIndex), None: none
 
     def prepare(self, prompt: str, *, count_tokens: CountTokens, feeds: Iterable[dict] = (),
                 knowledge: Sequence[pathlib.Path] = (), on_status: Callable[[str], None] | None = None,
-                budget_tokens: int | None = None) -> Prepared:
+                budget_tokens: int | None = None, reader: str | None = None,
+                shared_bases: Sequence[str] = ()) -> Prepared:
         """Question, context, sources and notices for ``prompt``; raises BadRequest only for bad markers.
 
         ``feeds`` are the personality's feed entries (url, title, keywords, match); ``knowledge`` its
         files; ``on_status`` receives progress ("Fetching https://...") and notices as they happen;
-        ``budget_tokens`` defaults to the ``rag_length`` setting.
+        ``budget_tokens`` defaults to the ``rag_length`` setting; ``reader`` is the user whose knowledge bases
+        are searched, with the personality's ``shared_bases``.
         """
         run = _Run(on_status)
         search = _RAG_MARKER.match(prompt)
@@ -142,7 +147,10 @@ class Preprocessor:
             sections += self._page_sections(url, run)
         sections += self._feed_sections(asked, feeds, run)
         sections += self._knowledge_sections(asked, knowledge, run)
+        sections += self._library_sections(asked, reader, shared_bases, run)
         context, kept = assemble(sections, budget, count_tokens)
+        if any(isinstance(s.payload, Source) and s.payload.number for s in kept):
+            context += "\n\nWhen you use a numbered passage, cite its number in brackets, like [1]."
         for section in sections:
             if section.cut and section.label:
                 run.notice(f"{section.label} was shortened to fit the context budget ({budget} tokens).")
@@ -200,6 +208,24 @@ class Preprocessor:
         return [Section(f"From {passage.file}:", sentences(passage.as_text()),
                         payload=Source(title=passage.file, url=None))
                 for passage in self.knowledge.search(question, readable)]
+
+
+    def _library_sections(self, question: str, reader: str | None, shared: Sequence[str], run: _Run) -> list[Section]:
+        """The best passages of the reader's knowledge bases and the personality's, numbered for citation."""
+        limit = getattr(self.settings, "knowledge_passages", 0)
+        if self.library is None or not limit or not question.strip():
+            return []
+        bases = self.library.searchable(reader, shared)
+        if not bases:
+            return []
+        run.status("Searching the knowledge bases")
+        sections = []
+        for number, hit in enumerate(self.library.search(bases, question, limit), 1):
+            page = hit.location.removeprefix("page ").split(" ")[0] if hit.location.startswith("page ") else ""
+            url = f"/knowledge/bases/{hit.base_id}/documents/{hit.document_id}/file" + (f"#page={page}" if page else "")
+            sections.append(Section(f"[{number}] From {hit.document} ({hit.location}):", sentences(hit.text),
+                                    payload=Source(f"{hit.document}, {hit.location}", url, number)))
+        return sections
 
 
 class _Run:

@@ -157,8 +157,10 @@ export function addSources(article, sources) {
   const list = element('ul');
   for (const source of sources) {
     const item = element('li');
-    const title = source.title || source.url || t('sources.untitled');
-    if (source.url && /^https?:\/\//i.test(source.url)) {
+    const named = source.title || source.url || t('sources.untitled');
+    const title = source.number ? `[${source.number}] ${named}` : named;  // how the answer cites it
+    // Web pages, and documents of the user's knowledge bases (same origin: the session cookie opens them).
+    if (source.url && (/^https?:\/\//i.test(source.url) || source.url.startsWith('/knowledge/'))) {
       const link = element('a', '', title);
       Object.assign(link, { href: source.url, target: '_blank', rel: 'noopener noreferrer nofollow' });
       item.append(link);

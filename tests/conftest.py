@@ -37,7 +37,7 @@ def make_app(model_file, fake_engine, tmp_path):
 
     def build(**config):
         base = {"TESTING": True, "LLM_MODEL_FILE": model_file, "LLM_PERSONALITIES_DIR": str(TEST_PERSONALITIES),
-                "DATABASE_URL": f"sqlite:///{tmp_path / 'conversations.db'}"}
+                "DATABASE_URL": f"sqlite:///{tmp_path / 'conversations.db'}", "LLM_DATA_DIR": str(tmp_path / "data")}
         return create_app({**base, **config}, engine=fake_engine)
 
     return build
@@ -65,7 +65,7 @@ def real_app(tmp_path_factory):
     """The real engine on the embedded model, loaded once per test session."""
     database = tmp_path_factory.mktemp("db") / "conversations.db"
     app = create_app({"TESTING": True, "LLM_PERSONALITIES_DIR": str(TEST_PERSONALITIES), "LLM_CONTEXT_WINDOW": 1024,
-                      "DATABASE_URL": f"sqlite:///{database}",
+                      "DATABASE_URL": f"sqlite:///{database}", "LLM_DATA_DIR": str(database.parent / "data"),
                       "LLM_PARALLEL": 4, "LLM_CPU_THREADS": 2, "LLM_CACHE_TOKENS": 8192})
     yield app
     app.extensions["llm"].engine.close()

@@ -459,7 +459,9 @@ def test_sources_status_and_trimmed_notice(context):
         return [{"type": "status", "message": "Fetching https://example.com/page"},
                 {"type": "source", "title": "Example page", "url": "https://example.com/page"},
                 {"type": "source", "title": "Sneaky", "url": "javascript:alert(1)"},
-                {"type": "token", "text": "From the "}, {"type": "token", "text": "page."}]
+                {"type": "source", "title": "guide.pdf, page 2", "number": 1,
+                 "url": "/knowledge/bases/3/documents/7/file#page=2"},
+                {"type": "token", "text": "From the "}, {"type": "token", "text": "page [1]."}]
 
     context.route_web_socket("**/gpt-socket/**", lambda route: scripted_server(route, frames))
     page = open_chat(context)
@@ -467,7 +469,9 @@ def test_sources_status_and_trimmed_notice(context):
     answer = finished_answer(page)
     expect(answer.get_by_role("link", name="Example page")).to_have_attribute("href", "https://example.com/page")
     expect(answer.locator(".sources")).to_contain_text("Sneaky")
-    assert answer.locator(".sources a").count() == 1
+    expect(answer.get_by_role("link", name="[1] guide.pdf, page 2")).to_have_attribute(  # a cited document
+        "href", "/knowledge/bases/3/documents/7/file#page=2")
+    assert answer.locator(".sources a").count() == 2
     expect(answer.locator(".status-notes")).to_contain_text("Fetching https://example.com/page")
     expect(answer.locator(".meta")).to_contain_text("2 tokens · 12.5 tokens/s")
     expect(answer.locator(".trimmed")).to_have_text("4 earlier messages were left out to fit the model's context.")

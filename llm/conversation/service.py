@@ -153,7 +153,7 @@ class ChatService:
         else:
             prompt = check_prompt(prompt)
             self._check_prompt_tokens(spec, prompt)
-            question, context, sources, notices = self._prepare(personality, spec, prompt, on_status)
+            question, context, sources, notices = self._prepare(personality, spec, prompt, on_status, user)
             if extra_context:
                 context = f"{extra_context}\n\n{context}".strip()
             user_turn = Turn("user", self._user_content(personality, question, context), display=prompt,
@@ -191,7 +191,7 @@ class ChatService:
             check_prompt(messages[last_user]["content"])
             self._check_prompt_tokens(spec, messages[last_user]["content"])
             question, context, sources, notices = self._prepare(personality, spec, messages[last_user]["content"],
-                                                                None)
+                                                                None, user)
             messages[last_user]["content"] = self._user_content(personality, question, context)
         messages = model_history(messages, form)
         handle = self.engine.submit(GenerationRequest(model=spec, messages=messages, sampling=params,
@@ -249,13 +249,15 @@ class ChatService:
             if tokens > self.max_prompt_tokens:
                 raise PayloadTooLarge(f"The prompt has {tokens} tokens; the limit is {self.max_prompt_tokens}.")
 
-    def _prepare(self, personality: Personality, spec: ModelSpec, prompt: str, on_status):
+    def _prepare(self, personality: Personality, spec: ModelSpec, prompt: str, on_status, user: str | None):
         if self.preprocessor is None:
             return prompt, "", [], []
         prepared = self.preprocessor.prepare(
             prompt, count_tokens=lambda text: self.engine.count_text_tokens(spec, text),
-            feeds=list(personality.feeds), knowledge=list(personality.knowledge), on_status=on_status)
-        sources = [{"title": source.title, "url": source.url} for source in prepared.sources]
+            feeds=list(personality.feeds), knowledge=list(personality.knowledge), on_status=on_status,
+            reader=user if user and user != ANONYMOUS else None, shared_bases=personality.knowledge_bases)
+        sources = [{"title": source.title, "url": source.url, **({"number": source.number} if source.number else {})}
+                   for source in prepared.sources]
         return prepared.question, prepared.context, sources, list(prepared.notices)
 
     def _user_content(self, personality: Personality, question: str, context: str) -> str:
