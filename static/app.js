@@ -1,7 +1,7 @@
 /* The chat page: a personality picker, a websocket per personality (JSON frames), streamed Markdown answers.
  *
  * Modules: api.js (requests and the API key), messages.js (rendering, made inert), feedback.js (ratings),
- * history.js (the sidebar of past conversations), dom.js (helpers). This one owns the socket and the answer
+ * history.js (the sidebar of past conversations), documents.js (the user's knowledge bases), dom.js (helpers). This one owns the socket and the answer
  * life cycle. The conversation id lives in localStorage per personality, so a reload restores the history
  * from GET /conversations/<id> and the new socket binds to it with a |SESSION|id|/SESSION| frame.
  *
@@ -15,6 +15,7 @@ import * as api from './api.js';
 import { $, announce, element, nearBottom, scrollToEnd, speak } from './dom.js';
 import * as i18n from './i18n.js';
 import { t } from './i18n.js';
+import { initDocuments } from './documents.js';
 import * as history from './history.js';
 import * as view from './messages.js';
 import { setUpTheme } from './theme.js';
@@ -565,7 +566,7 @@ function languageChanged(lang) {
 function onShortcut(event) {
   const typing = /^(INPUT|TEXTAREA|SELECT)$/.test(event.target.tagName) || event.target.isContentEditable;
   const command = event.ctrlKey || event.metaKey;
-  if (event.key === 'Escape' && state.current && !ui.shortcuts.open) {
+  if (event.key === 'Escape' && state.current && !document.querySelector('dialog[open]')) {
     event.preventDefault();
     stopAnswer();
   } else if (command && event.shiftKey && event.key.toLowerCase() === 'o') {
@@ -600,5 +601,6 @@ setUpTheme($('theme-toggle'));
 view.setActions({ edit: editQuestion, choose: chooseVariant });
 bindEvents();
 history.initHistory({ open: openConversation, deleted: conversationDeleted });
+initDocuments();
 watchModelLoading();
 loadPersonalities();

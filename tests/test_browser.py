@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import threading
@@ -1044,6 +1045,10 @@ def test_every_view_passes_an_accessibility_audit(live_fake, audited, fake_engin
     page.get_by_role("button", name="Shortcuts").click()
     audit(page, "shortcuts dialog")
     page.keyboard.press("Escape")
+    page.get_by_role("button", name="Documents").click()
+    page.get_by_role("button", name="Choose files").wait_for()
+    audit(page, "documents dialog")
+    page.keyboard.press("Escape")
     page.set_viewport_size(PHONE)
     audit(page, "phone")
     page.get_by_role("button", name="Conversations", exact=True).click()
@@ -1127,3 +1132,41 @@ def test_a_personality_that_declares_french_speaks_french(browser, make_app, fak
     expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
     next(contexts, None)
     server.close()
+
+
+POLICY = b"# Holidays\n\nEmployees get 27 days of paid leave.\n\n# Expenses\n\nTaxi fares are refunded after 22:00.\n"
+
+
+def test_documents_upload_with_status_per_file_and_cited_answers(context, live_fake, tmp_path):
+    """Files chosen or dropped are uploaded one by one with their verdicts; answers then cite their passages."""
+    (tmp_path / "policy.md").write_bytes(POLICY)
+    (tmp_path / "tool.exe").write_bytes(b"MZ\x00\x01binary")
+    page = open_chat(context)
+    page.get_by_role("button", name="Documents").click()
+    dialog = page.get_by_role("dialog", name="Your documents")
+    expect(dialog.get_by_text("No documents yet.")).to_be_visible()
+    dialog.locator("#document-files").set_input_files([str(tmp_path / "policy.md"), str(tmp_path / "tool.exe")])
+    uploads = dialog.locator(".upload")
+    expect(uploads.nth(0)).to_have_attribute("data-state", "indexed")
+    expect(uploads.nth(0)).to_contain_text("Indexed: 2 passages")
+    expect(uploads.nth(1)).to_have_attribute("data-state", "refused")
+    expect(uploads.nth(1)).to_contain_text("tool.exe is neither PDF")
+    expect(dialog.get_by_role("link", name="policy.md")).to_be_visible()
+    expect(dialog.locator("#knowledge-base")).to_have_text("My documents (1 document)")
+    # A file dropped on the page (the dialog closed) opens the dialog and lands in the same base.
+    page.keyboard.press("Escape")
+    page.evaluate("""() => {
+        const data = new DataTransfer();
+        data.items.add(new File(['Visitors park on level 2.'], 'parking.txt', { type: 'text/plain' }));
+        document.querySelector('main').dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true }));
+    }""")
+    expect(dialog.locator(".upload").last).to_have_attribute("data-state", "indexed")
+    expect(dialog.get_by_role("link", name="parking.txt")).to_be_visible()
+    shot(page, "documents.png")
+    page.keyboard.press("Escape")
+    ask(page, "Are taxi fares refunded?")
+    answer = finished_answer(page)
+    link = answer.get_by_role("link", name="[1] policy.md, Expenses")
+    expect(link).to_have_attribute("href", re.compile(r"^/knowledge/bases/\d+/documents/\d+/file$"))
+    document = context.request.get(link.get_attribute("href"))  # the browser's cookie opens its own document
+    assert document.ok and document.body() == POLICY
