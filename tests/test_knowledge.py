@@ -251,3 +251,15 @@ def test_answers_cite_retrieved_passages(make_app, fake_engine, tmp_path):
         assert "policy.md" not in fake_engine.requests[-1].messages[-1]["content"]  # not Bob's base
     with client.get("/gpt/hr", query_string={"prompt": "Can I take a taxi home?"}, headers=BOB):
         assert "[1] From policy.md (Expenses):" in fake_engine.requests[-1].messages[-1]["content"]  # shared
+
+
+def test_the_evaluation_corpus_holds_every_answer_where_it_says():
+    """bench/knowledge_eval.py's 48 questions: each names a real section of a real document that holds its answer."""
+    from bench.knowledge_eval import CORPUS, questions
+
+    asked = questions()
+    assert len(asked) >= 40
+    for question in asked:
+        text = (CORPUS / question["doc"]).read_text()
+        section = text.split(f"## {question['at']}\n", 1)[1].split("\n## ", 1)[0]
+        assert any(answer.lower() in section.lower() for answer in question["a"]), question["q"]
