@@ -190,6 +190,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest document one upload may add to a knowledge base."),
     Setting("LLM_KNOWLEDGE_QUOTA_BYTES", "knowledge_quota_bytes", 200_000_000, _int(0),
             "What one user's documents may weigh in all (0: no limit)."),
+    Setting("LLM_SEARCH_URL", "search_url", None, _text,
+            "A SearXNG instance (its JSON format enabled) for `|RAG|domain|/RAG|` questions and the model's own "
+            "decision to search the web; without it such questions are answered without a search, with a note."),
+    Setting("LLM_SEARCH_RESULTS", "search_results", 3, _int(1, 10),
+            "Search results read (each page through the safe fetcher) for one question."),
     Setting("LLM_FETCH_TIMEOUT", "fetch_timeout", 10.0, _float(0.1),
             "Seconds to connect to, and between reads from, a fetched URL."),
     Setting("LLM_FETCH_MAX_BYTES", "fetch_max_bytes", 5_000_000, _int(1024),

@@ -24,6 +24,7 @@ from rag.budget import CountTokens, Section, assemble, sentences
 from rag.extract import Document, ExtractError, extract
 from rag.fetch import FetchError, SafeFetcher
 from rag.knowledge import KnowledgeBase, KnowledgeError
+from rag.search import SearchError, Searx
 from rag.text import mentions
 
 LOG = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ class Preprocessor:
         self.fetcher = fetcher or SafeFetcher(settings, clock=clock)
         self.knowledge = KnowledgeBase()
         self.library = library  # knowledge bases (llm.knowledge.index.KnowledgeIndex), None: none
+        search_url = getattr(settings, "search_url", None)
+        self.searcher = Searx(search_url, settings.fetch_timeout, settings.search_results) if search_url else None
 
     def prepare(self, prompt: str, *, count_tokens: CountTokens, feeds: Iterable[dict] = (),
                 knowledge: Sequence[pathlib.Path] = (), on_status: Callable[[str], None] | None = None,
@@ -126,12 +129,14 @@ class Preprocessor:
         are searched, with the personality's ``shared_bases``.
         """
         run = _Run(on_status)
-        search = _RAG_MARKER.match(prompt)
+        search, domains = _RAG_MARKER.match(prompt), None
         if search is not None:
             prompt = prompt[search.end():]
-            domains = ", ".join(part for part in search["domains"].split("|") if part.strip()) or "the web"
-            run.notice(f"Web search grounding ({domains}) is not configured on this service, so this question is "
-                       "answered without a search.")
+            domains = [part.strip() for part in search["domains"].split("|") if part.strip()]
+            if self.searcher is None:
+                run.notice(f"Web search grounding ({', '.join(domains) or 'the web'}) is not configured on this "
+                           "service, so this question is answered without a search.")
+                domains = None
         text, custom = split_custom_context(prompt)
         url, asked = split_leading_url(text)
         question = DEFAULT_QUESTION if url is not None and not asked else asked
@@ -148,6 +153,8 @@ class Preprocessor:
         sections += self._feed_sections(asked, feeds, run)
         sections += self._knowledge_sections(asked, knowledge, run)
         sections += self._library_sections(asked, reader, shared_bases, run)
+        if domains is not None:
+            sections += self._search_sections(asked, domains, run)
         context, kept = assemble(sections, budget, count_tokens)
         if any(isinstance(s.payload, Source) and s.payload.number for s in kept):
             context += "\n\nWhen you use a numbered passage, cite its number in brackets, like [1]."
@@ -225,6 +232,32 @@ class Preprocessor:
             url = f"/knowledge/bases/{hit.base_id}/documents/{hit.document_id}/file" + (f"#page={page}" if page else "")
             sections.append(Section(f"[{number}] From {hit.document} ({hit.location}):", sentences(hit.text),
                                     payload=Source(f"{hit.document}, {hit.location}", url, number)))
+        return sections
+
+
+    def _search_sections(self, question: str, domains: Sequence[str], run: _Run) -> list[Section]:
+        """The first results of a web search (``|RAG|domain|...|/RAG|``), each page read through the safe fetcher
+        (its search snippet when the page cannot be read)."""
+        where = ", ".join(domains) or "the web"
+        if not question.strip():
+            return []
+        run.status(f"Searching {where} for “{question[:200]}”")
+        try:
+            results = self.searcher.search(question[:500], domains)
+        except SearchError as exc:
+            run.notice(f"The web search failed: {exc}; this question is answered without it.")
+            return []
+        if not results:
+            run.notice(f"The web search found nothing on {where}.")
+            return []
+        sections = []
+        for result in results:
+            document = self._fetch_document(result.url, run)
+            if document is not None:
+                sections.append(_document_section(document, "Search result", result.url, result.title))
+            elif result.snippet:
+                sections.append(Section(f"Search result “{result.title}” ({result.url}):", sentences(result.snippet),
+                                        payload=Source(title=result.title, url=result.url)))
         return sections
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import shutil
 import socket
 import ssl
@@ -101,6 +102,21 @@ class FixtureHandler(http.server.BaseHTTPRequestHandler):
         body = (f"<html><title>Echo</title><body><p>Host header: {host}.</p><p>Cookie: {cookie}.</p>"
                 f"<p>Authorization: {auth}.</p></body></html>")
         self._send(body.encode(), "text/html")
+
+    def route_search(self, path: str, query: dict[str, str]) -> None:
+        """SearXNG's JSON API as a stand-in: results on docs.example.org (one unreadable: its snippet is all there
+        is), one off the asked domains, one not http; the query is echoed in ``query`` as SearXNG does."""
+        if query.get("format") != "json":
+            self._send(b"<html>results</html>", "text/html")
+            return
+        base = f"http://docs.example.org:{self.server.port}"
+        results = [
+            {"url": f"{base}/fixtures/article.html", "title": "Sourdough notes", "content": "Feed the starter."},
+            {"url": f"http://elsewhere.example.net:{self.server.port}/fixtures/main.html", "title": "Off domain"},
+            {"url": "ftp://docs.example.org/file.txt", "title": "Not the web"},
+            {"url": f"{base}/status/500", "title": "Broken page", "content": "Starters like rye flour."},
+        ]
+        self._send(json.dumps({"query": query.get("q", ""), "results": results}).encode(), "application/json")
 
     def route_binary(self, path: str, query: dict[str, str]) -> None:
         self._send(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200), query.get("type", "image/png"))

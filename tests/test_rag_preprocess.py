@@ -281,3 +281,31 @@ def test_prepare_never_raises_and_never_dials_forbidden_addresses(prompt: str, r
     assert words(prepared.context) <= max(budget, 0)
     for _url, dialled in sessions.requests:
         assert set(dialled) <= PUBLIC
+
+
+def test_rag_marker_searches_searxng_within_the_domains(server: FixtureHTTPServer) -> None:
+    """|RAG|domain|/RAG| asks the SearXNG instance, keeps only results on those domains, reads each page through
+    the safe fetcher and falls back to the snippet of one that cannot be read."""
+    settings = rag_settings(LLM_SEARCH_URL=server.url(""))
+    fetcher = SafeFetcher(settings, resolver=StaticResolver({"docs.example.org": ["127.0.0.1"],
+                                                             "elsewhere.example.net": ["127.0.0.1"]}))
+    statuses: list[str] = []
+    off_domain = server.hits["/fixtures/main.html"]
+    prepared = Preprocessor(settings, fetcher=fetcher).prepare(
+        "|RAG|example.org|/RAG|How do I keep a sourdough starter?", count_tokens=words, on_status=statuses.append)
+    assert prepared.question == "How do I keep a sourdough starter?"
+    assert "Feed the starter once a day" in prepared.context  # the page itself, not only its snippet
+    assert "Starters like rye flour." in prepared.context  # the unreadable page's snippet
+    assert [source.title for source in prepared.sources] == ["Sourdough notes", "Broken page"]
+    assert statuses[0] == "Searching example.org for “How do I keep a sourdough starter?”"
+    assert server.hits["/fixtures/main.html"] == off_domain  # the off-domain result is never fetched
+
+
+def test_a_failing_search_engine_is_a_notice() -> None:
+    from bench._servers import free_port
+
+    prepared = Preprocessor(rag_settings(LLM_SEARCH_URL=f"http://127.0.0.1:{free_port()}")).prepare(
+        "|RAG|example.org|/RAG|Anything?", count_tokens=words)
+    assert prepared.context == "" and prepared.question == "Anything?"
+    assert prepared.notices == ["The web search failed: the search engine could not be reached (ConnectionError); "
+                                "this question is answered without it."]
