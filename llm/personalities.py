@@ -59,6 +59,7 @@ class Personality:
     feeds: tuple[dict[str, Any], ...] = ()
     knowledge: tuple[Path, ...] = ()
     knowledge_bases: tuple[str, ...] = ()  # "owner/base", searched for everyone
+    grounding: str = "always"  # "model": the model decides what to look up (llm.conversation.grounding)
     path: Path | None = None
 
     def public(self) -> dict[str, Any]:
@@ -124,6 +125,7 @@ def parse_personality(path: Path, validator: jsonschema.protocols.Validator) -> 
         feeds=tuple(data.get("feeds", ())),
         knowledge=knowledge,
         knowledge_bases=tuple(data.get("knowledge_bases", ())),
+        grounding=data.get("grounding", "always"),
         path=path,
     )
 

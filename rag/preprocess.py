@@ -51,6 +51,19 @@ class Source:
     number: int | None = None
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What the model decided to look up before answering (``llm.conversation.grounding``): whether to retrieve,
+    from which of the offered sources (``documents``, ``web``, ``feed:<n>``), and with which query."""
+
+    retrieve: bool
+    sources: frozenset[str] = frozenset()
+    query: str = ""
+
+    def uses(self, source: str) -> bool:
+        return self.retrieve and source in self.sources
+
+
 @dataclass
 class Prepared:
     """The outcome of preprocessing one prompt.
@@ -120,13 +133,16 @@ class Preprocessor:
     def prepare(self, prompt: str, *, count_tokens: CountTokens, feeds: Iterable[dict] = (),
                 knowledge: Sequence[pathlib.Path] = (), on_status: Callable[[str], None] | None = None,
                 budget_tokens: int | None = None, reader: str | None = None,
-                shared_bases: Sequence[str] = ()) -> Prepared:
+                shared_bases: Sequence[str] = (), plan: Plan | None = None) -> Prepared:
         """Question, context, sources and notices for ``prompt``; raises BadRequest only for bad markers.
 
         ``feeds`` are the personality's feed entries (url, title, keywords, match); ``knowledge`` its
         files; ``on_status`` receives progress ("Fetching https://...") and notices as they happen;
         ``budget_tokens`` defaults to the ``rag_length`` setting; ``reader`` is the user whose knowledge bases
-        are searched, with the personality's ``shared_bases``.
+        are searched, with the personality's ``shared_bases``; ``plan``, when the model decided what to look up,
+        replaces the defaults (every knowledge base, feeds by their keywords, no web search unless asked for with
+        ``|RAG|``) by its choice and its query. What the user asked for explicitly (a URL, ``|CONTEXT|``,
+        ``|RAG|``) is always honoured.
         """
         run = _Run(on_status)
         search, domains = _RAG_MARKER.match(prompt), None
@@ -150,11 +166,19 @@ class Preprocessor:
                     for block in custom]
         if url is not None:
             sections += self._page_sections(url, run)
-        sections += self._feed_sections(asked, feeds, run)
+        query = plan.query if plan is not None and plan.query else asked
+        if plan is not None:  # the chosen feeds, whatever their keywords
+            chosen = [feed for n, feed in enumerate(feeds, 1) if plan.uses(f"feed:{n}")]
+            sections += self._feed_sections(asked, chosen, run, every=True)
+        else:
+            sections += self._feed_sections(asked, feeds, run)
         sections += self._knowledge_sections(asked, knowledge, run)
-        sections += self._library_sections(asked, reader, shared_bases, run)
+        if plan is None or plan.uses("documents"):
+            sections += self._library_sections(query, reader, shared_bases, run)
+        if domains is None and plan is not None and plan.uses("web") and self.searcher is not None:
+            domains = []
         if domains is not None:
-            sections += self._search_sections(asked, domains, run)
+            sections += self._search_sections(query, domains, run)
         context, kept = assemble(sections, budget, count_tokens)
         if any(isinstance(s.payload, Source) and s.payload.number for s in kept):
             context += "\n\nWhen you use a numbered passage, cite its number in brackets, like [1]."
@@ -186,14 +210,27 @@ class Preprocessor:
                                       "what it contains."])]
         return [_document_section(document, "Web page" if document.kind != "feed" else "Feed", url, None)]
 
-    def _feed_sections(self, question: str, feeds: Iterable[dict], run: _Run) -> list[Section]:
-        """The personality's feeds whose keywords the question mentions."""
+    def sources(self, reader: str | None, shared_bases: Sequence[str], feeds: Sequence[dict]) -> dict[str, str]:
+        """What a question could be grounded in beyond the prompt itself: name -> description, for the model to
+        choose from (``llm.conversation.grounding``)."""
+        offered: dict[str, str] = {}
+        if self.library is not None and self.library.searchable(reader, shared_bases):
+            offered["documents"] = "the user's documents and this assistant's reference documents"
+        for n, feed in enumerate(feeds, 1):
+            if isinstance(feed, dict) and isinstance(feed.get("url"), str):
+                offered[f"feed:{n}"] = f"the news feed “{feed.get('title') or feed['url']}”"
+        if self.searcher is not None:
+            offered["web"] = "a web search"
+        return offered
+
+    def _feed_sections(self, question: str, feeds: Iterable[dict], run: _Run, every: bool = False) -> list[Section]:
+        """The personality's feeds whose keywords the question mentions (``every``: all of them)."""
         sections: list[Section] = []
         for feed in feeds:
             if not isinstance(feed, dict) or not isinstance(feed.get("url"), str):
                 continue
             keywords = [word for word in feed.get("keywords") or () if isinstance(word, str)]
-            if not mentions(question, keywords, match=str(feed.get("match") or "any")):
+            if not every and not mentions(question, keywords, match=str(feed.get("match") or "any")):
                 continue
             document = self._fetch_document(feed["url"], run)
             if document is not None:

@@ -263,3 +263,69 @@ def test_the_evaluation_corpus_holds_every_answer_where_it_says():
         text = (CORPUS / question["doc"]).read_text()
         section = " ".join(text.split(f"## {question['at']}\n", 1)[1].split("\n## ", 1)[0].split()).lower()
         assert any(answer.lower() in section for answer in question["a"]), question["q"]
+
+
+@pytest.fixture
+def planned(make_app, tmp_path):
+    """A service whose personality "planner" lets the model decide what to look up; Alice has uploaded POLICY."""
+    from tests.conftest import TEST_PERSONALITIES
+
+    directory = tmp_path / "personalities"
+    directory.mkdir()
+    text = (TEST_PERSONALITIES / "greedy.toml").read_text().replace('name = "greedy"', 'name = "planner"')
+    (directory / "planner.toml").write_text(text.replace("[sampling]", 'grounding = "model"\n\n[sampling]'))
+    (directory / "greedy.toml").write_text((TEST_PERSONALITIES / "greedy.toml").read_text())
+    app = make_app(LLM_PERSONALITIES_DIR=str(directory), **KEYS)
+    client = app.test_client()
+    base = client.post("/knowledge/bases", json={"name": "handbook"}, headers=ALICE).get_json()["id"]
+    upload(client, base, ("policy.md", POLICY))
+    return app
+
+
+def ask_socket(server, prompt: str, key: str = "key-alice") -> list[dict]:
+    import websocket
+
+    ws = websocket.create_connection(f"{server.ws_url}/gpt-socket/planner?format=json", timeout=30,
+                                     header=[f"Authorization: Bearer {key}"])
+    try:
+        ws.send(prompt)
+        frames = [json.loads(ws.recv())]
+        while frames[-1]["type"] != "end":
+            frames.append(json.loads(ws.recv()))
+        return frames
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize(("decision", "status", "grounded"), [
+    ({"retrieve": True, "sources": ["documents"], "query": "taxi refund at night"},
+     "Looking up documents: “taxi refund at night”", True),
+    ({"retrieve": False, "sources": [], "query": ""}, "Answering without looking anything up.", False),
+    ("not JSON at all", "Could not decide what to look up; using every source.", True),
+])
+def test_the_model_decides_what_to_look_up(planned, fake_engine, decision, status, grounded):
+    from tests.conftest import LiveServer
+
+    fake_engine.script(json.dumps(decision) if isinstance(decision, dict) else decision)
+    fake_engine.script("An answer.")
+    server = LiveServer(planned)
+    try:
+        frames = ask_socket(server, "Will I get my cab fare back after the party?")
+    finally:
+        server.close()
+    planning, answering = fake_engine.requests[-2:]
+    offered = planning.constraint.schema["properties"]["sources"]["items"]["enum"]
+    assert offered == ["documents"]  # only what this user could use: no feeds, no web search configured
+    assert [f["message"] for f in frames if f["type"] == "status"][0] == status
+    assert ("[1] From policy.md (" in answering.messages[-1]["content"]) is grounded
+    titles = [f["title"] for f in frames if f["type"] == "source"]
+    assert sorted(titles) == (["policy.md, Expenses", "policy.md, Holidays"] if grounded else [])
+    if isinstance(decision, dict) and grounded:  # the model's query, not the question's words, was searched
+        assert titles[0] == "policy.md, Expenses"
+
+
+def test_nothing_to_decide_without_sources(planned, fake_engine):
+    client = planned.test_client()
+    with client.get("/gpt/planner", query_string={"prompt": "Hello?"}, headers=BOB):
+        pass
+    assert len(fake_engine.requests) == 1 and fake_engine.requests[0].constraint is None  # Bob has no documents

@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 from llm.errors import BadRequest, ServiceError
 from rag.fetch import SafeFetcher
-from rag.preprocess import DEFAULT_QUESTION, Prepared, Preprocessor, Source, split_custom_context, split_leading_url
+from rag.preprocess import (
+    DEFAULT_QUESTION,
+    Plan,
+    Prepared,
+    Preprocessor,
+    Source,
+    split_custom_context,
+    split_leading_url,
+)
 from tests.rag_support import (
     FIXTURES,
     FakeResponse,
@@ -309,3 +317,21 @@ def test_a_failing_search_engine_is_a_notice() -> None:
     assert prepared.context == "" and prepared.question == "Anything?"
     assert prepared.notices == ["The web search failed: the search engine could not be reached (ConnectionError); "
                                 "this question is answered without it."]
+
+
+@pytest.mark.parametrize(("plan", "titles"), [
+    (Plan(True, frozenset({"feed:2"}), "changes"), ["Project Changelog"]),  # chosen, though no keyword matched
+    (Plan(False, frozenset({"feed:1"}), "x"), []),  # no retrieval: even a matching keyword fetches nothing
+    (Plan(True, frozenset({"web"}), "sourdough starter care"), ["Sourdough notes", "Broken page"]),
+])
+def test_a_plan_replaces_the_defaults(server: FixtureHTTPServer, plan: Plan, titles: list[str]) -> None:
+    settings = rag_settings(LLM_SEARCH_URL=server.url(""))
+    fetcher = SafeFetcher(settings, resolver=StaticResolver({"docs.example.org": ["127.0.0.1"]}))
+    pre = Preprocessor(settings, fetcher=fetcher)
+    assert set(pre.sources(None, (), _feeds(server))) == {"feed:1", "feed:2", "web"}
+    statuses: list[str] = []
+    prepared = pre.prepare("What's the weather like?", count_tokens=words, feeds=_feeds(server), plan=plan,
+                           on_status=statuses.append)
+    assert [source.title for source in prepared.sources] == titles
+    if plan.uses("web"):  # the model's query, over the whole web
+        assert "Searching the web for “sourdough starter care”" in statuses

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm.conversation import grounding
 from llm.conversation.store import LAST
 from llm.conversation.turns import Conversation, Turn, title_of
 from llm.engine import Engine, GenerationRequest, GrammarConstraint, Handle, JsonConstraint, SamplingParams
@@ -252,10 +253,18 @@ class ChatService:
     def _prepare(self, personality: Personality, spec: ModelSpec, prompt: str, on_status, user: str | None):
         if self.preprocessor is None:
             return prompt, "", [], []
+        reader = user if user and user != ANONYMOUS else None
+        plan = None
+        if personality.grounding == "model":  # the model chooses what to look up, first
+            offered = self.preprocessor.sources(reader, personality.knowledge_bases, personality.feeds)
+            if offered:
+                plan = grounding.decide(self.engine, spec, user or ANONYMOUS, prompt, offered)
+                if on_status is not None:
+                    on_status(grounding.describe(plan, offered))
         prepared = self.preprocessor.prepare(
             prompt, count_tokens=lambda text: self.engine.count_text_tokens(spec, text),
             feeds=list(personality.feeds), knowledge=list(personality.knowledge), on_status=on_status,
-            reader=user if user and user != ANONYMOUS else None, shared_bases=personality.knowledge_bases)
+            reader=reader, shared_bases=personality.knowledge_bases, plan=plan)
         sources = [{"title": source.title, "url": source.url, **({"number": source.number} if source.number else {})}
                    for source in prepared.sources]
         return prepared.question, prepared.context, sources, list(prepared.notices)
