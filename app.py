@@ -95,7 +95,9 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     if settings.retention_days > 0:
         RetentionSweeper(store, engine, settings.retention_days).start()
     embeddings = Embeddings(settings, lambda: specs().path)
-    knowledge = KnowledgeIndex(str(Path(settings.data_dir).expanduser() / "knowledge.db"), embeddings,
+    shared = (settings.database_url or "").startswith(("postgresql://", "postgres://"))  # replicas share it too
+    knowledge = KnowledgeIndex(settings.database_url if shared else str(Path(settings.data_dir).expanduser() /
+                                                                          "knowledge.db"), embeddings,
                                Limits(max_bytes=settings.knowledge_max_file_bytes), settings.knowledge_quota_bytes)
     preprocessor = Preprocessor(settings, library=knowledge)
     chat = ChatService(engine, personalities, store, specs, preprocessor,

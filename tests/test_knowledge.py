@@ -138,9 +138,14 @@ def test_encrypted_and_bomb_pdfs_are_refused():
 
 # ----- the index --------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def index(tmp_path):
-    library = KnowledgeIndex(str(tmp_path / "knowledge.db"), Embeddings(load_settings({}), lambda: ""))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request, tmp_path):
+    """The store on SQLite (FTS5, sqlite-vec) and on PostgreSQL (tsvector, cube), emptied for each test."""
+    location = str(tmp_path / "knowledge.db") if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    library = KnowledgeIndex(location, Embeddings(load_settings({}), lambda: ""))
+    if request.param == "postgresql":
+        library.bases("nobody")  # opens it: the schema exists
+        library._db.rows("truncate knowledge_bases, knowledge_documents, knowledge_passages")
     yield library
     library.close()
 

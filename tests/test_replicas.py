@@ -72,6 +72,19 @@ def test_a_conversation_goes_on_across_replicas_and_survives_one_dying(cluster):
     history = first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
     assert second["usage"]["prompt_tokens"] > history
 
+    # A document uploaded through one replica is found through the other: knowledge bases live in PostgreSQL too.
+    alice = {"X-API-Key": "key-alice"}
+    base = requests.post(f"{proxy.base}/knowledge/bases", json={"name": f"kb-{conversation}"}, headers=alice,
+                         timeout=60).json()["id"]
+    with requests.post(f"{proxy.base}/knowledge/bases/{base}/documents", headers=alice, timeout=120,
+                       files={"file": ("ada.md", b"# Ada\n\nAda Lovelace wrote the first published program.")}) as up:
+        assert up.status_code == 201, up.text
+        uploaded_on = up.headers["X-Replica"]
+    for _ in replicas:
+        with requests.get(f"{proxy.base}/knowledge/search", params={"q": "first published program"}, headers=alice,
+                          timeout=60) as found:
+            assert found.json()["passages"][0]["document"] == "ada.md", (uploaded_on, found.headers["X-Replica"])
+
     ports[second_replica].process.send_signal(signal.SIGKILL)  # one replica dies, nginx is not told
     ports[second_replica].process.wait(30)
     for question in ("And what did I ask first?", "Thank you."):
