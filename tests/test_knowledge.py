@@ -224,6 +224,8 @@ def test_the_api_for_owners(make_app):
     with client.get(f"/knowledge/bases/{base}/documents/{document}/file", headers=ALICE) as original:
         assert original.data == POLICY and original.headers["Content-Disposition"].startswith("attachment")
         assert original.headers["X-Content-Type-Options"] == "nosniff"
+    assert client.get(f"/knowledge/bases/{base}/documents/{document}/file", headers=BOB).status_code == 404
+    assert client.get(f"/knowledge/bases/{base}/documents/{document}/file").status_code == 401
     assert client.delete(f"/knowledge/bases/{base}/documents/{document}", headers=BOB).status_code == 404
     assert client.delete(f"/knowledge/bases/{base}/documents/{document}", headers=ALICE).status_code == 204
     assert client.delete(f"/knowledge/bases/{base}", headers=ALICE).status_code == 204
@@ -254,8 +256,13 @@ def test_answers_cite_retrieved_passages(make_app, fake_engine, tmp_path):
 
     with client.get("/gpt/greedy", query_string={"prompt": "Can I take a taxi home?"}, headers=BOB):
         assert "policy.md" not in fake_engine.requests[-1].messages[-1]["content"]  # not Bob's base
-    with client.get("/gpt/hr", query_string={"prompt": "Can I take a taxi home?"}, headers=BOB):
+    with client.get("/gpt/hr", query_string={"prompt": "Can I take a taxi home?"}, headers=BOB) as answer:
         assert "[1] From policy.md (Expenses):" in fake_engine.requests[-1].messages[-1]["content"]  # shared
+        link = json.loads(answer.headers["X-Sources"])[0]["url"]
+    with client.get(link, headers=BOB) as shared:  # a shared base's documents are readable by whoever it cites
+        assert shared.status_code == 200 and shared.data == POLICY
+    assert client.get(f"/knowledge/bases/{base}/documents", headers=BOB).status_code == 404  # but not listable
+    assert client.post(f"/knowledge/bases/{base}/documents/1/reindex", headers=BOB).status_code == 404
 
 
 def test_the_evaluation_corpus_holds_every_answer_where_it_says():

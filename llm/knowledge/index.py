@@ -224,12 +224,18 @@ class KnowledgeIndex:
             raise NotFound(f"No document {document_id} in this knowledge base.")
         return found[0]
 
-    def original(self, owner: str, base_id: int, document_id: int) -> tuple[str, str, bytes]:
-        """(name, kind, bytes) of a document as it was uploaded."""
-        self.document(owner, base_id, document_id)
+    def original(self, owner: str | None, base_id: int, document_id: int) -> tuple[str, str, bytes]:
+        """(name, kind, bytes) of a document as it was uploaded; ``owner`` None: the base is one a personality
+        shares with everyone (the caller checked)."""
+        if owner is not None:
+            self.document(owner, base_id, document_id)
+        self._open()
         with self._lock:
-            name, kind, data = self._db.rows("select name, kind, original from knowledge_documents where id = ?",
-                                             (document_id,))[0]
+            rows = self._db.rows("select name, kind, original from knowledge_documents where id = ? and base_id = ?",
+                                 (document_id, base_id))
+        if not rows:
+            raise NotFound(f"No document {document_id} in this knowledge base.")
+        name, kind, data = rows[0]
         return name, kind, bytes(data)
 
     def delete_document(self, owner: str, base_id: int, document_id: int) -> None:

@@ -90,10 +90,19 @@ def list_documents(base_id: int):
     return jsonify({"documents": library().documents(owner(), base_id)})
 
 
+def shared_with_everyone(base_id: int) -> bool:
+    """Whether a personality names this base in its file (then anyone who may talk to it may read its documents)."""
+    personalities = current_app.extensions["llm"].personalities
+    return any(library().shared(reference) == base_id for personality in personalities.all()
+               for reference in personality.knowledge_bases)
+
+
 @blueprint.get("/knowledge/bases/<int:base_id>/documents/<int:document_id>/file")
 def download(base_id: int, document_id: int):
-    """The document as uploaded: PDFs open in the browser (citations link to their page), the rest download."""
-    name, kind, data = library().original(owner(), base_id, document_id)
+    """The document as uploaded: PDFs open in the browser (citations link to their page), the rest download. Its
+    owner's, or anyone's when a personality shares its base (their answers cite it)."""
+    reader = None if shared_with_everyone(base_id) else owner()
+    name, kind, data = library().original(reader, base_id, document_id)
     disposition = "inline" if kind == "pdf" else "attachment"
     safe = "".join(c if c.isalnum() or c in "._- " else "_" for c in name)
     headers = {"Content-Disposition": f'{disposition}; filename="{safe}"', "X-Content-Type-Options": "nosniff",
