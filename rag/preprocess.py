@@ -127,8 +127,8 @@ class Preprocessor:
         self.fetcher = fetcher or SafeFetcher(settings, clock=clock)
         self.knowledge = KnowledgeBase()
         self.library = library  # knowledge bases (llm.knowledge.index.KnowledgeIndex), None: none
-        search_url = getattr(settings, "search_url", None)
-        self.searcher = Searx(search_url, settings.fetch_timeout, settings.search_results) if search_url else None
+        self.searcher = (Searx(settings.search_url, settings.fetch_timeout, settings.search_results)
+                         if settings.search_url else None)
 
     def prepare(self, prompt: str, *, count_tokens: CountTokens, feeds: Iterable[dict] = (),
                 knowledge: Sequence[pathlib.Path] = (), on_status: Callable[[str], None] | None = None,
@@ -253,10 +253,9 @@ class Preprocessor:
                         payload=Source(title=passage.file, url=None))
                 for passage in self.knowledge.search(question, readable)]
 
-
     def _library_sections(self, question: str, reader: str | None, shared: Sequence[str], run: _Run) -> list[Section]:
         """The best passages of the reader's knowledge bases and the personality's, numbered for citation."""
-        limit = getattr(self.settings, "knowledge_passages", 0)
+        limit = self.settings.knowledge_passages
         if self.library is None or not limit or not question.strip():
             return []
         bases = self.library.searchable(reader, shared)

@@ -103,11 +103,16 @@ class KnowledgeIndex:
     def _embed(self, texts: list[str]) -> np.ndarray:
         return np.asarray(self._embeddings.create(texts, self._dimensions)[0], dtype=np.float32)
 
+    def _vectors(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Embeddings of ``texts`` (none without a vector index), in batches; computed before the lock is taken
+        where possible, so one large upload never holds up other users' questions."""
+        if not self._dimensions:
+            return []
+        return [vector for start in range(0, len(texts), 256) for vector in self._embed(list(texts[start:start + 256]))]
+
     def _store_vectors(self, rows: Sequence[tuple[int, int, str]]) -> None:
-        for start in range(0, len(rows), 256):
-            batch = rows[start:start + 256]
-            vectors = self._embed([text for _, _, text in batch])
-            self._db.add_vectors([(pid, bid, vector) for (pid, bid, _), vector in zip(batch, vectors, strict=True)])
+        vectors = self._vectors([text for _, _, text in rows])
+        self._db.add_vectors([(pid, bid, vector) for (pid, bid, _), vector in zip(rows, vectors, strict=True)])
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -186,24 +191,25 @@ class KnowledgeIndex:
                 raise FileTooLarge(f"{name} would bring your documents to {used + len(data)} bytes; each user may "
                                    f"keep {self.quota_bytes}.")
         kind, passages, pages = read(name, data, self.limits)
+        vectors = self._vectors([passage.text for passage in passages])
         with self._transaction():
             document_id = self._db.insert(
                 "insert into knowledge_documents(base_id, name, kind, bytes, sha256, pages, passages, original, "
                 "created) values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (base_id, name, kind, len(data), hashlib.sha256(data).hexdigest(), pages, len(passages), data,
                  time.time()))
-            self._index(document_id, base_id, passages)
+            self._index(document_id, base_id, passages, vectors)
         return self.document(owner, base_id, document_id)
 
-    def _index(self, document_id: int, base_id: int, passages) -> None:
+    def _index(self, document_id: int, base_id: int, passages, vectors: Sequence[np.ndarray]) -> None:
         rows = []
         for passage in passages:
             passage_id = self._db.insert("insert into knowledge_passages(document_id, base_id, location, text) "
                                          "values (?, ?, ?, ?)", (document_id, base_id, passage.location, passage.text))
             self._db.add_text(passage_id, f"{passage.location}\n{passage.text}")
-            rows.append((passage_id, base_id, passage.text))
-        if self._dimensions:
-            self._store_vectors(rows)
+            rows.append(passage_id)
+        if vectors:
+            self._db.add_vectors([(pid, base_id, vector) for pid, vector in zip(rows, vectors, strict=True)])
 
     def _forget_passages(self, where: str, params: tuple) -> None:
         ids = [row[0] for row in self._db.rows(f"select id from knowledge_passages where {where}", params)]
@@ -248,9 +254,10 @@ class KnowledgeIndex:
         """Read the kept original again (after an upgrade of a reader or the chunking) and replace its passages."""
         name, _, data = self.original(owner, base_id, document_id)
         kind, passages, pages = read(name, data, self.limits)
+        vectors = self._vectors([passage.text for passage in passages])
         with self._transaction():
             self._forget_passages("document_id = ?", (document_id,))
-            self._index(document_id, base_id, passages)
+            self._index(document_id, base_id, passages, vectors)
             self._db.rows("update knowledge_documents set kind = ?, pages = ?, passages = ? where id = ?",
                           (kind, pages, len(passages), document_id))
         return self.document(owner, base_id, document_id)
@@ -265,12 +272,13 @@ class KnowledgeIndex:
         if not base_ids or not words:
             return []
         self._open()
+        vector = self._vectors([question])[0] if mode in ("hybrid", "vector") and self._dimensions else None
         rankings = []
         with self._lock:
             if mode in ("hybrid", "bm25"):
                 rankings.append(self._db.full_text(base_ids, words, CANDIDATES))
-            if mode in ("hybrid", "vector") and self._dimensions:
-                rankings.append(self._db.nearest(base_ids, self._embed([question])[0], CANDIDATES))
+            if vector is not None:
+                rankings.append(self._db.nearest(base_ids, vector, CANDIDATES))
             scores: dict[int, float] = {}
             for ranking in rankings:
                 for rank, passage_id in enumerate(ranking, 1):
