@@ -214,8 +214,11 @@ class Preprocessor:
         """What a question could be grounded in beyond the prompt itself: name -> description, for the model to
         choose from (``llm.conversation.grounding``)."""
         offered: dict[str, str] = {}
-        if self.library is not None and self.library.searchable(reader, shared_bases):
-            offered["documents"] = "the user's documents and this assistant's reference documents"
+        try:
+            if self.library is not None and self.library.searchable(reader, shared_bases):
+                offered["documents"] = "the user's documents and this assistant's reference documents"
+        except Exception:  # reported when the search itself fails (_library_sections)
+            LOG.exception("listing the knowledge bases failed")
         for n, feed in enumerate(feeds, 1):
             if isinstance(feed, dict) and isinstance(feed.get("url"), str):
                 offered[f"feed:{n}"] = f"the news feed “{feed.get('title') or feed['url']}”"
@@ -258,18 +261,22 @@ class Preprocessor:
         limit = self.settings.knowledge_passages
         if self.library is None or not limit or not question.strip():
             return []
-        bases = self.library.searchable(reader, shared)
-        if not bases:
+        try:  # a store that cannot be read costs the answer its passages, never the answer
+            bases = self.library.searchable(reader, shared)
+            if bases:
+                run.status("Searching the knowledge bases")
+            hits = self.library.search(bases, question, limit) if bases else []
+        except Exception:
+            LOG.exception("searching the knowledge bases failed")
+            run.notice("The knowledge bases could not be searched; this question is answered without them.")
             return []
-        run.status("Searching the knowledge bases")
         sections = []
-        for number, hit in enumerate(self.library.search(bases, question, limit), 1):
+        for number, hit in enumerate(hits, 1):
             page = hit.location.removeprefix("page ").split(" ")[0] if hit.location.startswith("page ") else ""
             url = f"/knowledge/bases/{hit.base_id}/documents/{hit.document_id}/file" + (f"#page={page}" if page else "")
             sections.append(Section(f"[{number}] From {hit.document} ({hit.location}):", sentences(hit.text),
                                     payload=Source(f"{hit.document}, {hit.location}", url, number)))
         return sections
-
 
     def _search_sections(self, question: str, domains: Sequence[str], run: _Run) -> list[Section]:
         """The first results of a web search (``|RAG|domain|...|/RAG|``), each page read through the safe fetcher

@@ -341,3 +341,16 @@ def test_nothing_to_decide_without_sources(planned, fake_engine):
     with client.get("/gpt/planner", query_string={"prompt": "Hello?"}, headers=BOB):
         pass
     assert len(fake_engine.requests) == 1 and fake_engine.requests[0].constraint is None  # Bob has no documents
+
+
+def test_a_broken_store_costs_the_passages_not_the_answer(make_app, tmp_path, fake_engine):
+    """A knowledge store that cannot be opened (here: a file that is not a database) leaves chat working, with a
+    notice saying the documents were not searched."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "knowledge.db").write_bytes(b"this is not a database" * 100)
+    app = make_app(**KEYS)
+    with app.test_client() as client, client.get("/gpt/greedy", query_string={"prompt": "Taxi?"},
+                                                 headers=ALICE) as answer:
+        assert answer.status_code == 200
+        assert "could not be searched" in json.loads(answer.headers["X-Notices"])[0]
