@@ -216,6 +216,8 @@ def test_the_api_for_owners(make_app):
     assert response.get_json()["documents"][1]["error"]["status"] == 415
     assert upload(client, base, ("virus.exe", b"\x00MZ")).status_code == 415  # none added: that file's error
     document = response.get_json()["documents"][0]["document"]["id"]
+    shown = client.get(f"/knowledge/bases/{base}", headers=ALICE).get_json()
+    assert shown["base"]["documents"] == 1 and [d["name"] for d in shown["documents"]] == ["policy.md"]
     assert client.get(f"/knowledge/bases/{base}", headers=BOB).status_code == 404
     assert upload(client, base, ("x.md", b"# x"), headers=BOB).status_code == 404
     found = client.get("/knowledge/search", query_string={"q": "taxi after ten"}, headers=ALICE).get_json()

@@ -104,7 +104,7 @@ def _passages(text: str, where: str, markdown: bool) -> list[Passage]:
     sentence of the one before it."""
     result: list[Passage] = []
     previous_heading, previous_text = None, ""
-    for heading, body in chunk(text if markdown else text.replace("\n#", "\n #")):
+    for heading, body in chunk(text if markdown else re.sub(r"(?m)^#", " #", text)):  # a page's '#' is no heading
         location = " > ".join(filter(None, [where, heading])) or "start"
         if heading == previous_heading and previous_text:
             tail = list(sentences(previous_text))[-1].strip()

@@ -47,7 +47,7 @@ def create_base():
 @blueprint.get("/knowledge/bases/<int:base_id>")
 def get_base(base_id: int):
     user = owner()
-    return jsonify({**library().base(user, base_id), "documents_list": library().documents(user, base_id)})
+    return jsonify({"base": library().base(user, base_id), "documents": library().documents(user, base_id)})
 
 
 @blueprint.delete("/knowledge/bases/<int:base_id>")
