@@ -171,11 +171,18 @@ def synthetic_markdown(rng: random.Random, sections: int, pool: list[str]) -> by
     return "\n".join(parts).encode()
 
 
-def speed(embeddings: Embeddings, work: Path) -> dict:
+def fresh(location: str, embeddings: Embeddings) -> KnowledgeIndex:
+    """The store at ``location``, its knowledge tables emptied (a PostgreSQL database keeps them between runs)."""
+    library = KnowledgeIndex(location, embeddings)
+    library.bases("eval")  # opens it: the tables exist
+    library._db.rows("delete from knowledge_bases")  # documents and passages go with their bases
+    return library
+
+
+def speed(library: KnowledgeIndex) -> dict:
     """Pages per second for a 200-page PDF, and query latency at 1,000 and 10,000 passages."""
     rng = random.Random(7)
     pool = sentences_of_corpus()
-    library = KnowledgeIndex(str(work / "speed.db"), embeddings)
     base = library.create_base("eval", "speed")["id"]
     pages = [[" ".join(rng.choice(pool) for _ in range(2))[:95] for _ in range(20)] for _ in range(200)]
     started = time.perf_counter()
@@ -232,12 +239,14 @@ def answers(work: Path, files: list[tuple[str, bytes]]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-answers", action="store_true", help="skip the answers on the default model")
+    parser.add_argument("--postgresql", metavar="URL", help="measure retrieval in this PostgreSQL database instead "
+                        "of SQLite (its knowledge tables are emptied first)")
     args = parser.parse_args(argv)
     embeddings = Embeddings(load_settings({}), lambda: "")
     files = documents()
     with tempfile.TemporaryDirectory(prefix="knowledge-eval-") as directory:
         work = Path(directory)
-        library = KnowledgeIndex(str(work / "eval.db"), embeddings)
+        library = fresh(args.postgresql or str(work / "eval.db"), embeddings)
         base = library.create_base("eval", "corpus")["id"]
         for name, data in files:
             library.add_document("eval", base, name, data)
@@ -252,8 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         extra = library.bases("eval")[0]["passages"]
         quality["with distractors"] = retrieval(library, base)
         library.close()
-        timing = speed(embeddings, work)
+        timing = speed(fresh(args.postgresql or str(work / "speed.db"), embeddings))
         accuracy = None if args.no_answers else answers(work, files)
+    store = ("PostgreSQL (tsvector, cube: 64-dimension vectors)" if args.postgresql
+             else "SQLite (FTS5, sqlite-vec: 256-dimension vectors)")
+    print(f"Store: {store}")
     print(f"{len(questions())} questions over {len(files)} documents "
           f"({sum(1 for n, _ in files if n.endswith('.md'))} Markdown, 1 DOCX, 1 HTML)\n")
     print("| retrieval | passages in the base | recall@1 | recall@5 | MRR |\n|---|---|---|---|---|")

@@ -6,7 +6,8 @@ vector index.
 * SQLite, through ``sqlean.py`` (a current SQLite that can load extensions; Python's own ``sqlite3`` is often
   built without, as this project's CI Python is): an FTS5 table (Porter stemming, ``bm25()`` ranking) and a
   sqlite-vec ``vec0`` table partitioned by base (cosine distance) beside the passages.
-* PostgreSQL, through psycopg: a ``tsvector`` column with a GIN index (``ts_rank_cd`` ranking) and a ``cube``
+* PostgreSQL, through psycopg: a ``tsvector`` column with a GIN index (ranked by the inverse document frequency
+  of the words each passage holds, then ``ts_rank_cd``) and a ``cube``
   column with a GiST index searched nearest-first (``<->``). ``cube`` ships with PostgreSQL itself (contrib);
   pgvector would be the first choice but is not in Debian 12's archive. A cube holds at most 100 dimensions, so
   vectors there are the embedding's first 64 (WordLlama is trained so that its leading dimensions stand alone);
@@ -17,6 +18,7 @@ vector index.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -166,11 +168,27 @@ class PostgresBackend:
         """The indexes live in the passages' own columns: deleting the rows is enough."""
 
     def full_text(self, base_ids: Sequence[int], words: Sequence[str], limit: int) -> list[int]:
-        query = " | ".join(words)  # words are \\w+ only: nothing to escape
+        """Passages holding any of the words, ranked by the summed inverse document frequency of those they hold
+        (``ts_rank_cd`` alone knows no document frequency: among many passages, common words would win), then by
+        ``ts_rank_cd``. Each word's frequency is one count on the GIN index."""
+        ids = list(base_ids)
+        total = self._db.execute("select count(*) from knowledge_passages where base_id = any(%s)",
+                                 (ids,)).fetchone()[0]
+        weighted = []
+        for word in words:  # \w+ only: nothing to escape; stop words give an empty query and are skipped
+            frequency = self._db.execute(
+                "select count(*) from knowledge_passages where base_id = any(%s) and "
+                "words @@ plainto_tsquery('english', %s)", (ids, word)).fetchone()[0]
+            if frequency:
+                weighted.append((word, math.log(1 + (total - frequency + 0.5) / (frequency + 0.5))))
+        if not weighted:
+            return []
+        query = " | ".join(word for word, _ in weighted)
+        score = " + ".join("%s * (words @@ plainto_tsquery('english', %s))::int" for _ in weighted)
         return [row[0] for row in self._db.execute(
-            "select id from knowledge_passages where base_id = any(%s) and words @@ to_tsquery('english', %s) "
-            "order by ts_rank_cd(words, to_tsquery('english', %s)) desc, id limit %s",
-            (list(base_ids), query, query, limit)).fetchall()]
+            f"select id from knowledge_passages where base_id = any(%s) and words @@ to_tsquery('english', %s) "
+            f"order by ({score}) desc, ts_rank_cd(words, to_tsquery('english', %s)) desc, id limit %s",
+            (ids, query, *[value for word, idf in weighted for value in (idf, word)], query, limit)).fetchall()]
 
     def nearest(self, base_ids: Sequence[int], vector: np.ndarray, limit: int) -> list[int]:
         return [row[0] for row in self._db.execute(
