@@ -356,3 +356,25 @@ def test_a_broken_store_costs_the_passages_not_the_answer(make_app, tmp_path, fa
                                                  headers=ALICE) as answer:
         assert answer.status_code == 200
         assert "could not be searched" in json.loads(answer.headers["X-Notices"])[0]
+
+
+def test_api_clients_ask_for_their_own_documents(make_app, fake_engine):
+    """/v1 and /v1/messages bring their own context: the caller's bases ground them only with "knowledge": true;
+    a bad value is a 400 naming it."""
+    app = make_app(**KEYS)
+    client = app.test_client()
+    base = client.post("/knowledge/bases", json={"name": "handbook"}, headers=ALICE).get_json()["id"]
+    upload(client, base, ("policy.md", POLICY))
+    question = [{"role": "user", "content": "Are taxi fares refunded?"}]
+    for extra, grounded in (({}, False), ({"knowledge": True}, True)):
+        with client.post("/v1/chat/completions", headers=ALICE,
+                         json={"model": "greedy", "messages": question, **extra}) as answer:
+            assert answer.status_code == 200
+        assert ("From policy.md" in fake_engine.requests[-1].messages[-1]["content"]) is grounded
+        with client.post("/v1/messages", headers=ALICE,
+                         json={"model": "greedy", "max_tokens": 8, "messages": question, **extra}) as answer:
+            assert answer.status_code == 200
+        assert ("From policy.md" in fake_engine.requests[-1].messages[-1]["content"]) is grounded
+    with client.post("/v1/chat/completions", headers=ALICE,
+                     json={"model": "greedy", "messages": question, "knowledge": "yes"}) as refused:
+        assert refused.status_code == 400 and refused.get_json()["error"]["param"] == "knowledge"

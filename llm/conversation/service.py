@@ -174,10 +174,12 @@ class ChatService:
     def start_messages(self, personality_name: str, messages: Any, *, constraint: JsonConstraint | None = None,
                        sampling: dict[str, Any] | None = None, channel: str = "openai",
                        user: str | None = None, timeout: float | None = None,
-                       tools: ToolUse | None = None) -> ActiveTurn:
+                       tools: ToolUse | None = None, knowledge: bool = False) -> ActiveTurn:
         """A turn from client-held history (OpenAI style): the personality's system prompt is prepended unless
         the client brings its own, and the RAG preprocessor applies to the last user message (never to tool
-        results). ``tools``: described to the model in its own format, and a grammar makes every call valid."""
+        results). ``tools``: described to the model in its own format, and a grammar makes every call valid.
+        ``knowledge``: the user's own knowledge bases ground it too (API clients bring their own context, so
+        only when asked; a personality's shared bases always do)."""
         personality = self.personalities.get(personality_name)
         spec = self.spec_for(personality)
         form = self._tool_format(spec)
@@ -192,7 +194,7 @@ class ChatService:
             check_prompt(messages[last_user]["content"])
             self._check_prompt_tokens(spec, messages[last_user]["content"])
             question, context, sources, notices = self._prepare(personality, spec, messages[last_user]["content"],
-                                                                None, user)
+                                                                None, user, private=knowledge)
             messages[last_user]["content"] = self._user_content(personality, question, context)
         messages = model_history(messages, form)
         handle = self.engine.submit(GenerationRequest(model=spec, messages=messages, sampling=params,
@@ -250,10 +252,13 @@ class ChatService:
             if tokens > self.max_prompt_tokens:
                 raise PayloadTooLarge(f"The prompt has {tokens} tokens; the limit is {self.max_prompt_tokens}.")
 
-    def _prepare(self, personality: Personality, spec: ModelSpec, prompt: str, on_status, user: str | None):
+    def _prepare(self, personality: Personality, spec: ModelSpec, prompt: str, on_status, user: str | None,
+                 private: bool = True):
+        """RAG for one prompt; ``private``: the user's own knowledge bases are searched (the personality's shared
+        ones always are)."""
         if self.preprocessor is None:
             return prompt, "", [], []
-        reader = user if user and user != ANONYMOUS else None
+        reader = user if private and user and user != ANONYMOUS else None
         plan = None
         if personality.grounding == "model":  # the model chooses what to look up, first
             offered = self.preprocessor.sources(reader, personality.knowledge_bases, personality.feeds)

@@ -124,10 +124,13 @@ def _start(data: dict) -> ActiveTurn:
     if not isinstance(name, str) or not name:
         raise BadRequest("'model' (a personality name) is required.", param="model")
     sampling, messages, tools = _sampling(data), _messages(data), _tools(data)
+    knowledge = data.get("knowledge", False)
+    if not isinstance(knowledge, bool):
+        raise BadRequest("'knowledge' must be true or false.", param="knowledge")
     try:
         return current_app.extensions["llm"].chat.start_messages(name, messages, sampling=sampling,
                                                                  channel="anthropic", user=current_user(),
-                                                                 tools=tools)
+                                                                 tools=tools, knowledge=knowledge)
     except PayloadTooLarge as error:
         raise BadRequest(error.message, param="messages") from None
 

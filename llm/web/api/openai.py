@@ -266,11 +266,13 @@ def chat_completions():
     tools = tool_use(data)
     sampling = {**sampling_options(data), "logprobs": chat_logprobs_wanted(data)}
     messages = plain_history(data.get("messages"))
+    knowledge = bool(_flag(data, "knowledge"))
 
     def start(options: dict, seconds: float | None = None) -> ActiveTurn:
         try:
             return services().chat.start_messages(name, messages, constraint=constraint, sampling=options,
-                                                  user=current_user(), timeout=seconds, tools=tools)
+                                                  user=current_user(), timeout=seconds, tools=tools,
+                                                  knowledge=knowledge)
         except PayloadTooLarge as error:
             raise context_errors(error) from None
 
