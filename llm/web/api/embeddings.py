@@ -9,7 +9,8 @@ from flask import Blueprint, jsonify
 
 from llm.engine.embeddings import MAX_INPUTS
 from llm.errors import BadRequest
-from llm.web.api.openai import _model_name, _number, body, services
+from llm.web.api import services
+from llm.web.api.openai import _model_name, _number, body
 
 blueprint = Blueprint("embeddings", __name__, url_prefix="/v1")
 

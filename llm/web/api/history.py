@@ -5,19 +5,16 @@ from __future__ import annotations
 import json
 import re
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 from llm.conversation.turns import Conversation
 from llm.errors import BadRequest, NotFound
+from llm.web.api import services
 from llm.web.auth import current_user
 
 blueprint = Blueprint("history", __name__)
 MAX_PAGE = 100
 MAX_QUERY = 200
-
-
-def services():
-    return current_app.extensions["llm"]
 
 
 def json_object() -> dict:

@@ -8,9 +8,10 @@ on a keyless service, and no page cookie) are refused: they would all share one 
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 from llm.errors import BadRequest, ServiceError, Unauthorized
+from llm.web.api import services
 from llm.web.auth import ANONYMOUS, current_user
 
 blueprint = Blueprint("knowledge", __name__)
@@ -21,7 +22,7 @@ MEDIA = {"pdf": "application/pdf", "docx": "application/vnd.openxmlformats-offic
 
 
 def library():
-    return current_app.extensions["llm"].knowledge
+    return services().knowledge
 
 
 def owner() -> str:
@@ -61,7 +62,7 @@ def add_documents(base_id: int):
     """Each ``file`` part is read and indexed on its own: one refused file (with its 4xx error) does not cost the
     others. 201 when at least one was added; when none was, the first file's error status."""
     user = owner()
-    settings = current_app.extensions["llm"].settings
+    settings = services().settings
     request.max_content_length = MAX_FILES * settings.knowledge_max_file_bytes + 1_000_000
     library().base(user, base_id)
     files = request.files.getlist("file")
@@ -92,7 +93,7 @@ def list_documents(base_id: int):
 
 def shared_with_everyone(base_id: int) -> bool:
     """Whether a personality names this base in its file (then anyone who may talk to it may read its documents)."""
-    personalities = current_app.extensions["llm"].personalities
+    personalities = services().personalities
     return any(library().shared(reference) == base_id for personality in personalities.all()
                for reference in personality.knowledge_bases)
 

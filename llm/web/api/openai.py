@@ -12,14 +12,14 @@ import time
 import uuid
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from llm.conversation.service import ActiveTurn, message_text
 from llm.engine import JsonConstraint
 from llm.engine.tools import ToolUse, check_tool
 from llm.errors import BadRequest, PayloadTooLarge
 from llm.schema_support import check_schema
-from llm.web.api import structured
+from llm.web.api import services, structured
 from llm.web.api.openai_output import (
     answer,
     chat_chunks,
@@ -35,10 +35,6 @@ from llm.web.api.openai_output import (
 from llm.web.auth import current_user
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
-
-
-def services():
-    return current_app.extensions["llm"]
 
 
 def body() -> dict:

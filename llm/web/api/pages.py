@@ -7,14 +7,11 @@ from pathlib import Path
 
 from flask import Blueprint, current_app, jsonify, render_template_string, request, send_from_directory
 
+from llm.web.api import services
 from llm.web.auth import give_anonymous_identity
 
 blueprint = Blueprint("pages", __name__)
 LANGUAGES = ("en", "fr")  # static/locales/<lang>.json
-
-
-def services():
-    return current_app.extensions["llm"]
 
 
 @blueprint.get("/")
