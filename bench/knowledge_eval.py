@@ -133,15 +133,17 @@ def distractors(limit: int) -> list[tuple[str, bytes]]:
     return found
 
 
-def pdf(pages: list[list[str]]) -> bytes:
-    """A plain PDF: each page a column of Helvetica lines."""
+def pdf(pages: list[list[str]], compressed: bytes | None = None) -> bytes:
+    """A plain PDF written by hand (objects, then a correct xref): each page a column of Helvetica lines, or
+    ``compressed`` (a FlateDecode stream, for the bomb tests) as every page's content."""
     objects: list[bytes] = [b"<< /Type /Catalog /Pages 2 0 R >>", b"",
                             b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
     kids = []
     for lines in pages:
         text = " T* ".join(f"({line})Tj" for line in lines)
-        body = f"BT /F1 10 Tf 12 TL 50 760 Td {text} ET".encode("latin-1")
-        objects.append(f"<< /Length {len(body)} >>\nstream\n".encode() + body + b"\nendstream")
+        body = compressed or f"BT /F1 10 Tf 12 TL 50 760 Td {text} ET".encode("latin-1")
+        flate = " /Filter /FlateDecode" if compressed else ""
+        objects.append(f"<< /Length {len(body)}{flate} >>\nstream\n".encode() + body + b"\nendstream")
         objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {len(objects)} 0 R "
                        f"/Resources << /Font << /F1 3 0 R >> >> >>".encode())
         kids.append(f"{len(objects)} 0 R")

@@ -12,6 +12,7 @@ import docx
 import pytest
 from pypdf import PdfWriter
 
+from bench.knowledge_eval import pdf
 from llm.engine.embeddings import Embeddings
 from llm.errors import BadRequest, FileTooLarge, NotFound, UnsupportedType
 from llm.knowledge.documents import Limits, read
@@ -28,31 +29,7 @@ Taxi fares are refunded only after 22:00, with a receipt. Meals abroad are cover
 """
 KEYS = {"LLM_API_KEYS": "alice:key-alice,bob:key-bob"}
 ALICE, BOB = {"Authorization": "Bearer key-alice"}, {"Authorization": "Bearer key-bob"}
-
-
-def pdf(pages: list[str], extra_stream: bytes | None = None) -> bytes:
-    """A small real PDF: one Helvetica text line per page (written by hand: objects, then a correct xref)."""
-    objects = ["<< /Type /Catalog /Pages 2 0 R >>", None, "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    kids = []
-    for text in pages:
-        body = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
-        if extra_stream is not None:
-            body = extra_stream
-        objects.append(f"<< /Length {len(body)}{' /Filter /FlateDecode' if extra_stream else ''} >>\nstream\n"
-                       .encode("latin-1") + body + b"\nendstream")
-        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {len(objects)} 0 R "
-                       f"/Resources << /Font << /F1 3 0 R >> >> >>")
-        kids.append(f"{len(objects)} 0 R")
-    objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(kids)} >>"
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for number, obj in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += f"{number} 0 obj\n".encode() + (obj if isinstance(obj, bytes) else obj.encode()) + b"\nendobj\n"
-    xref = len(out)
-    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
-    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    return bytes(out)
+GUIDE = [["Boilers are serviced every May."], ["Keys are at reception."]]  # a two-page PDF's lines
 
 
 def word(headings_and_text: list[tuple[str | None, str]]) -> bytes:
@@ -71,7 +48,7 @@ def word(headings_and_text: list[tuple[str | None, str]]) -> bytes:
 def test_each_kind_is_read_into_located_passages():
     kind, passages, pages = read("policy.md", POLICY)
     assert kind == "markdown" and [p.location for p in passages] == ["Holidays", "Expenses"] and pages == 0
-    kind, passages, pages = read("guide.pdf", pdf(["Boilers are serviced every May.", "Keys are at reception."]))
+    kind, passages, pages = read("guide.pdf", pdf(GUIDE))
     assert kind == "pdf" and pages == 2
     assert [(p.location, p.text) for p in passages] == [("page 1", "Boilers are serviced every May."),
                                                        ("page 2", "Keys are at reception.")]
@@ -82,7 +59,7 @@ def test_each_kind_is_read_into_located_passages():
     assert kind == "html" and passages[0].location == "Canteen" and "Lunch is served from noon." in passages[0].text
     assert "Menu" not in passages[0].text and "x()" not in passages[0].text
     assert read("readme", b"Plain words.")[0] == "text"
-    assert read("mislabelled.txt", pdf(["Still a PDF."]))[0] == "pdf"  # the bytes win over the name
+    assert read("mislabelled.txt", pdf([["Still a PDF."]]))[0] == "pdf"  # the bytes win over the name
 
 
 def test_long_sections_overlap_by_a_sentence():
@@ -133,7 +110,7 @@ def test_encrypted_and_bomb_pdfs_are_refused():
         read("locked.pdf", buffer.getvalue())
     bomb = zlib.compress(b"0" * 120_000_000, 9)  # ~120 KB that inflates to 120 MB
     with pytest.raises(FileTooLarge, match="PDF bomb"):
-        read("bomb.pdf", pdf(["x"], extra_stream=bomb))
+        read("bomb.pdf", pdf([["x"]], compressed=bomb))
 
 
 # ----- the index --------------------------------------------------------------------------------------------
@@ -153,7 +130,7 @@ def index(request, tmp_path):
 def test_hybrid_search_finds_by_words_and_by_meaning(index):
     base = index.create_base("alice", "handbook")["id"]
     index.add_document("alice", base, "policy.md", POLICY)
-    index.add_document("alice", base, "guide.pdf", pdf(["Boilers are serviced every May.", "Keys are at reception."]))
+    index.add_document("alice", base, "guide.pdf", pdf(GUIDE))
     assert index.search([base], "taxi refund", 1)[0].location == "Expenses"  # shared words
     assert index.search([base], "How many vacation days do employees get?", 1, "vector")[0].location == "Holidays"
     hit = index.search([base], "When is the boiler serviced?", 1)[0]
