@@ -166,7 +166,10 @@ class KnowledgeIndex:
         and those a personality shares; nothing (and no file opened, no model loaded) while no base exists."""
         if self._never_used:
             return []
-        ids = [base["id"] for base in self.bases(owner)] if owner else []
+        self._open()
+        with self._lock:  # every question asks this: the ids alone, not the figures bases() adds up
+            ids = [row[0] for row in self._db.rows("select id from knowledge_bases where owner = ?", (owner,))
+                   ] if owner else []
         return ids + [base_id for base_id in map(self.shared, shared) if base_id is not None]
 
     def shared(self, reference: str) -> int | None:
