@@ -22,6 +22,7 @@ from llm.conversation.store import RetentionSweeper, SqlConversationStore
 from llm.engine import Engine
 from llm.engine.embeddings import Embeddings
 from llm.errors import ConfigError
+from llm.knowledge.backends import is_postgres
 from llm.knowledge.documents import Limits
 from llm.knowledge.index import KnowledgeIndex
 from llm.models import ModelSpec, resolve
@@ -95,9 +96,8 @@ def create_app(config: dict[str, Any] | None = None, engine: Engine | None = Non
     if settings.retention_days > 0:
         RetentionSweeper(store, engine, settings.retention_days).start()
     embeddings = Embeddings(settings, lambda: specs().path)
-    shared = (settings.database_url or "").startswith(("postgresql://", "postgres://"))  # replicas share it too
-    knowledge = KnowledgeIndex(settings.database_url if shared else str(Path(settings.data_dir).expanduser() /
-                                                                          "knowledge.db"), embeddings,
+    knowledge = KnowledgeIndex(settings.database_url if is_postgres(settings.database_url)  # replicas share it
+                               else str(Path(settings.data_dir).expanduser() / "knowledge.db"), embeddings,
                                Limits(max_bytes=settings.knowledge_max_file_bytes), settings.knowledge_quota_bytes)
     preprocessor = Preprocessor(settings, library=knowledge)
     chat = ChatService(engine, personalities, store, specs, preprocessor,

@@ -204,8 +204,10 @@ def _pg(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
+def is_postgres(location: str | None) -> bool:
+    return (location or "").startswith(("postgresql://", "postgres://"))
+
+
 def open_backend(location: str) -> SqliteBackend | PostgresBackend:
     """A PostgreSQL URL, else a SQLite file path."""
-    if location.startswith(("postgresql://", "postgres://")):
-        return PostgresBackend(location)
-    return SqliteBackend(location)
+    return PostgresBackend(location) if is_postgres(location) else SqliteBackend(location)

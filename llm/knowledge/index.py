@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from llm.errors import BadRequest, FileTooLarge, NotFound
-from llm.knowledge.backends import open_backend
+from llm.knowledge.backends import is_postgres, open_backend
 from llm.knowledge.documents import Limits, read
 
 RRF_K = 60
@@ -73,7 +73,7 @@ class KnowledgeIndex:
     @property
     def _never_used(self) -> bool:
         """No base can exist yet: a SQLite file that was never made."""
-        return self._db is None and not self.location.startswith("postgres") and (
+        return self._db is None and not is_postgres(self.location) and (
             self.location == ":memory:" or not Path(self.location).exists())
 
     # ----- set-up ----------------------------------------------------------------------------------------
