@@ -355,3 +355,16 @@ def test_api_clients_ask_for_their_own_documents(make_app, fake_engine):
     with client.post("/v1/chat/completions", headers=ALICE,
                      json={"model": "greedy", "messages": question, "knowledge": "yes"}) as refused:
         assert refused.status_code == 400 and refused.get_json()["error"]["param"] == "knowledge"
+
+
+def test_a_postgresql_store_leaves_no_connection_to_the_garbage_collector(postgres_url, make_app):
+    """Apps are built and dropped (tests, reloads): the PostgreSQL store's connections come from a pool, so none
+    is found open by the garbage collector (a ResourceWarning, an error under this suite's filterwarnings)."""
+    import gc
+
+    app = make_app(DATABASE_URL=postgres_url, **KEYS)
+    with app.test_client() as client, client.get("/gpt/greedy", query_string={"prompt": "Hi"}, headers=ALICE) as r:
+        assert r.status_code == 200
+    assert app.extensions["llm"].knowledge._db is not None  # Alice's question opened the store
+    del app, client, r
+    gc.collect()

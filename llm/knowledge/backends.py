@@ -120,47 +120,64 @@ class SqliteBackend:
 
 
 class PostgresBackend:
-    """A PostgreSQL database (the conversations' own, ``DATABASE_URL``)."""
+    """A PostgreSQL database (the conversations' own, ``DATABASE_URL``), through a small connection pool like the
+    conversation store's: a connection lost with a server restart is replaced, and none is left open for the
+    garbage collector to find."""
 
     max_dimensions = 64  # cube's limit is 100; WordLlama's first 64 dimensions stand alone
 
     def __init__(self, url: str):
         import psycopg
+        from psycopg_pool import ConnectionPool
 
         self.integrity_error = psycopg.errors.UniqueViolation
-        self._db = psycopg.connect(url, autocommit=True)
-        with self.transaction():
-            self._db.execute("select pg_advisory_xact_lock(hashtext('llm-knowledge-schema'))")
-            self._db.execute("create extension if not exists cube")
+        self._pool = ConnectionPool(url, min_size=1, max_size=2, open=True, kwargs={"autocommit": True})
+        self._held: Any = None  # the connection of the transaction in progress
+        with self.transaction(), self._connection() as db:
+            db.execute("select pg_advisory_xact_lock(hashtext('llm-knowledge-schema'))")
+            db.execute("create extension if not exists cube")
             for statement in filter(str.strip, TABLES.format(
                     serial="bigserial", blob="bytea", extra=", words tsvector, embedding cube").split(";")):
-                self._db.execute(statement)
-            self._db.execute("create index if not exists knowledge_passages_words on knowledge_passages "
-                             "using gin (words)")
-            self._db.execute("create index if not exists knowledge_passages_embedding on knowledge_passages "
-                             "using gist (embedding)")
+                db.execute(statement)
+            db.execute("create index if not exists knowledge_passages_words on knowledge_passages using gin (words)")
+            db.execute("create index if not exists knowledge_passages_embedding on knowledge_passages "
+                       "using gist (embedding)")
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """The transaction's connection, else one from the pool (the index's lock serialises every call)."""
+        if self._held is not None:
+            yield self._held
+        else:
+            with self._pool.connection() as db:
+                yield db
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        with self._db.transaction():
-            yield
+        with self._pool.connection() as db, db.transaction():
+            self._held = db
+            try:
+                yield
+            finally:
+                self._held = None
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        cursor = self._db.execute(_pg(sql), params)
-        return cursor.fetchall() if cursor.description else []
+        with self._connection() as db:
+            cursor = db.execute(_pg(sql), params)
+            return cursor.fetchall() if cursor.description else []
 
     def insert(self, sql: str, params: Sequence[Any]) -> int:
-        return self._db.execute(_pg(sql) + " returning id", params).fetchone()[0]
+        with self._connection() as db:
+            return db.execute(_pg(sql) + " returning id", params).fetchone()[0]
 
     def reset_vectors(self, dimensions: int) -> None:
-        self._db.execute("update knowledge_passages set embedding = null")
+        self.rows("update knowledge_passages set embedding = null")
 
     def add_text(self, passage_id: int, text: str) -> None:
-        self._db.execute("update knowledge_passages set words = to_tsvector('english', %s) where id = %s",
-                         (text, passage_id))
+        self.rows("update knowledge_passages set words = to_tsvector('english', ?) where id = ?", (text, passage_id))
 
     def add_vectors(self, rows: Sequence[tuple[int, int, np.ndarray]]) -> None:
-        with self._db.cursor() as cursor:
+        with self._connection() as db, db.cursor() as cursor:
             cursor.executemany("update knowledge_passages set embedding = cube(%s::float8[]) where id = %s",
                                [(vector.astype(float).tolist(), pid) for pid, _, vector in rows])
 
@@ -172,32 +189,31 @@ class PostgresBackend:
         (``ts_rank_cd`` alone knows no document frequency: among many passages, common words would win), then by
         ``ts_rank_cd``. Each word's frequency is one count on the GIN index."""
         ids = list(base_ids)
-        total = self._db.execute("select count(*) from knowledge_passages where base_id = any(%s)",
-                                 (ids,)).fetchone()[0]
-        weighted = []
-        for word in words:  # \w+ only: nothing to escape; stop words give an empty query and are skipped
-            frequency = self._db.execute(
-                "select count(*) from knowledge_passages where base_id = any(%s) and "
-                "words @@ plainto_tsquery('english', %s)", (ids, word)).fetchone()[0]
-            if frequency:
-                weighted.append((word, math.log(1 + (total - frequency + 0.5) / (frequency + 0.5))))
-        if not weighted:
-            return []
-        query = " | ".join(word for word, _ in weighted)
-        score = " + ".join("%s * (words @@ plainto_tsquery('english', %s))::int" for _ in weighted)
-        return [row[0] for row in self._db.execute(
-            f"select id from knowledge_passages where base_id = any(%s) and words @@ to_tsquery('english', %s) "
-            f"order by ({score}) desc, ts_rank_cd(words, to_tsquery('english', %s)) desc, id limit %s",
-            (ids, query, *[value for word, idf in weighted for value in (idf, word)], query, limit)).fetchall()]
+        with self._connection() as db:
+            total = db.execute("select count(*) from knowledge_passages where base_id = any(%s)", (ids,)).fetchone()[0]
+            weighted = []
+            for word in words:  # \w+ only: nothing to escape; stop words give an empty query and are skipped
+                frequency = db.execute(
+                    "select count(*) from knowledge_passages where base_id = any(%s) and "
+                    "words @@ plainto_tsquery('english', %s)", (ids, word)).fetchone()[0]
+                if frequency:
+                    weighted.append((word, math.log(1 + (total - frequency + 0.5) / (frequency + 0.5))))
+            if not weighted:
+                return []
+            query = " | ".join(word for word, _ in weighted)
+            score = " + ".join("%s * (words @@ plainto_tsquery('english', %s))::int" for _ in weighted)
+            return [row[0] for row in db.execute(
+                f"select id from knowledge_passages where base_id = any(%s) and words @@ to_tsquery('english', %s) "
+                f"order by ({score}) desc, ts_rank_cd(words, to_tsquery('english', %s)) desc, id limit %s",
+                (ids, query, *[value for word, idf in weighted for value in (idf, word)], query, limit)).fetchall()]
 
     def nearest(self, base_ids: Sequence[int], vector: np.ndarray, limit: int) -> list[int]:
-        return [row[0] for row in self._db.execute(
-            "select id from knowledge_passages where base_id = any(%s) and embedding is not null "
-            "order by embedding <-> cube(%s::float8[]) limit %s",
-            (list(base_ids), vector.astype(float).tolist(), limit)).fetchall()]
+        return [row[0] for row in self.rows(
+            "select id from knowledge_passages where base_id = any(?) and embedding is not null "
+            "order by embedding <-> cube(?::float8[]) limit ?", (list(base_ids), vector.astype(float).tolist(), limit))]
 
     def close(self) -> None:
-        self._db.close()
+        self._pool.close()
 
 
 def _pg(sql: str) -> str:
