@@ -164,7 +164,7 @@ class KnowledgeIndex:
     def searchable(self, owner: str | None, shared: Sequence[str] = ()) -> list[int]:
         """The bases a question of ``owner`` (None: a user without an identity of their own) searches: their own
         and those a personality shares; nothing (and no file opened, no model loaded) while no base exists."""
-        if self._never_used:
+        if self._never_used or not (owner or shared):
             return []
         self._open()
         with self._lock:  # every question asks this: the ids alone, not the figures bases() adds up
