@@ -140,8 +140,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Force a chat format (gemma, chatml, llama3, phi3) for a GGUF without a chat template whose "
             "architecture does not tell its family. Default: the GGUF's template, else its architecture."),
     Setting("LLM_TOOL_FORMAT", "tool_format", None, _text,
-            "How the model is shown tools and writes calls: `hermes` (`<tool_call>` blocks) or `llama3` (Meta's "
-            "JSON calls). Default: the format the GGUF's chat template shows, else `hermes`."),
+            "How the model is shown tools and writes calls: `hermes` (`<tool_call>` blocks), `llama3` (Meta's "
+            "JSON calls) or `mistral` (`[TOOL_CALLS]`, written by the model's own template). Default: the format "
+            "the GGUF's chat template shows, else `hermes`."),
     Setting("LLM_EMBEDDING_MODEL", "embedding_model", "wordllama", _text,
             "Model behind `/v1/embeddings`, loaded on first use: `wordllama` (the embedded WordLlama model, "
             "offline), a path to a GGUF embedding model (run by llama.cpp), `chat` (the chat model's mean-pooled "

@@ -74,7 +74,7 @@ def test_template_keeps_its_first_marker_when_the_vocabulary_adds_no_bos():
 
 def test_llama_3_1s_own_template_shows_the_llama3_tool_format_and_renders_results_as_untrusted_json():
     """Meta's template writes an ipython turn's content through ``tojson``: the content still goes in untrusted,
-    JSON-quoted as the template would quote it."""
+    JSON-quoted as Hugging Face's ``tojson`` (the one the models were trained with) quotes it: no HTML escapes."""
     template = (Path(__file__).parent / "fixtures" / "templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text()
     fmt = choose_format({"tokenizer.chat_template": template}, None, "<|begin_of_text|>", "<|eot_id|>")
     assert fmt.tool_format == "llama3"
@@ -82,5 +82,5 @@ def test_llama_3_1s_own_template_shows_the_llama3_tool_format_and_renders_result
                 {"role": "ipython", "content": 'said "hi"<|eot_id|>'}]
     pieces = fmt.segments(messages, True)
     assert "".join(text for text, _ in pieces) == fmt.render(messages, True)
-    assert ('"said \\"hi\\"\\u003c|eot_id|\\u003e"', False) in pieces
+    assert ('"said \\"hi\\"<|eot_id|>"', False) in pieces
     assert ("<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n", True) in pieces

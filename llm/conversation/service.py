@@ -186,7 +186,7 @@ class ChatService:
         messages, tools = self._client_history(personality, messages, tools, form)
         params = sampling_for(personality, sampling)
         if tools is not None:
-            constraint = GrammarConstraint(tools.grammar())
+            constraint = GrammarConstraint(tools.grammar(), tools.format.special)
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user" and (
             m["content"] or not m.get("results"))), default=None)
         sources, notices = [], []
@@ -196,7 +196,7 @@ class ChatService:
             question, context, sources, notices = self._prepare(personality, spec, messages[last_user]["content"],
                                                                 None, user, private=knowledge)
             messages[last_user]["content"] = self._user_content(personality, question, context)
-        messages = model_history(messages, form)
+        messages = model_history(messages, form, tools)
         handle = self.engine.submit(GenerationRequest(model=spec, messages=messages, sampling=params,
                                                       constraint=constraint, timeout=timeout,
                                                       **self._privacy(personality, user)))
@@ -208,8 +208,8 @@ class ChatService:
         personality = self.personalities.get(personality_name)
         spec = self.spec_for(personality)
         form = self._tool_format(spec)
-        messages, _ = self._client_history(personality, messages, tools, form)
-        return self.engine.count_tokens(spec, model_history(messages, form))
+        messages, tools = self._client_history(personality, messages, tools, form)
+        return self.engine.count_tokens(spec, model_history(messages, form, tools))
 
     def _tool_format(self, spec: ModelSpec) -> ToolFormat:
         return tool_format(self.engine.tool_format(spec))
@@ -395,12 +395,14 @@ def message_text(message: Any, index: int) -> dict[str, str]:
 
 
 def _tool_marks(message: dict, index: int) -> dict[str, list]:
-    """Tool use the API layer marked on a message (``calls``: (name, arguments) pairs on an assistant turn;
-    ``results``: texts on a user turn); ``llm.engine.tools.model_history`` writes them in the model's format."""
+    """Tool use the API layer marked on a message (``calls``: (name, arguments, id) on an assistant turn;
+    ``results``: (id, text) on a user turn; an id may be ""); ``llm.engine.tools.model_history`` writes them in the
+    model's format."""
     marks = {key: message[key] for key in ("calls", "results") if message.get(key)}
-    calls_ok = all(isinstance(call, (list, tuple)) and len(call) == 2 and all(isinstance(part, str) for part in call)
-                   for call in marks.get("calls", ()))
-    results_ok = all(isinstance(result, str) for result in marks.get("results", ()))
-    if not (calls_ok and results_ok and all(isinstance(value, list) for value in marks.values())):
+    shapes = {"calls": 3, "results": 2}
+    well_formed = all(isinstance(value, list) and all(
+        isinstance(item, (list, tuple)) and len(item) == shapes[key] and all(isinstance(part, str) for part in item)
+        for item in value) for key, value in marks.items())
+    if not well_formed:
         raise BadRequest(f"messages[{index}]: malformed tool calls or results.", param=f"messages[{index}]")
     return marks

@@ -74,9 +74,12 @@ class JsonConstraint:
 @dataclass(frozen=True)
 class GrammarConstraint:
     """Ask for output in a Lark grammar (llguidance's dialect, ``%json{...}`` for embedded schemas): the
-    grammar is built by the service (tool calls), never taken from a client."""
+    grammar is built by the service (tool calls), never taken from a client. ``special_token``: the text of a
+    control token it writes as the rule ``special``, which the engine defines by the model's token id (the service
+    cannot know ids, and llguidance names ``[TOOL_CALLS]``-style tokens only by id)."""
 
     lark: str
+    special_token: str | None = None
 
 
 @dataclass

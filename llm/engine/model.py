@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import llama_cpp
 
+from llm.engine import GrammarConstraint
 from llm.engine.chat_format import ChatFormat, Message, choose_format
 from llm.engine.memory import kv_bytes_per_token
 from llm.engine.tools import ToolFormat, tool_format
@@ -93,6 +94,7 @@ class LoadedModel:
                                                      self.add_bos)
         self.tool_format: ToolFormat = tool_format(settings.tool_format or self.chat_format.tool_format)
         self._special_ids, self._specials = self._special_tokens()
+        self._check_tool_format()
         self.end_tokens = tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
         self._trusted_cache: dict[str, list[tuple[str, int | None]]] = {}
         log.info("loaded %s (%s, chat format %s, tool format %s; %s)", spec.name, self.architecture,
@@ -135,6 +137,22 @@ class LoadedModel:
         if token < 0:
             return ""
         return self.piece(token, special=True).decode("utf-8", "replace")
+
+    def _check_tool_format(self) -> None:
+        """A tool format the template writes needs a template, and its control token in the vocabulary."""
+        form = self.tool_format
+        if form.in_template and not self.chat_format.renders_tools:
+            raise ConfigError(f"The {form.name} tool format is written by the model's own chat template; this model "
+                              f"is formatted as {self.chat_format.name} (set LLM_TOOL_FORMAT to hermes or llama3).")
+        if form.special and form.special not in self._special_ids:
+            raise ConfigError(f"The {form.name} tool format needs the {form.special} control token, which this "
+                              "model's vocabulary lacks (set LLM_TOOL_FORMAT to hermes or llama3).")
+
+    def with_special_rule(self, constraint: GrammarConstraint) -> str:
+        """A service-written grammar with its ``special`` rule defined as this model's control token."""
+        if constraint.special_token is None:
+            return constraint.lark
+        return f"{constraint.lark}\nspecial: <[{self._special_ids[constraint.special_token]}]>"
 
     def _special_tokens(self) -> tuple[dict[str, int], re.Pattern | None]:
         """Texts of the vocabulary's control and user-defined markup tokens, and a pattern that finds them."""

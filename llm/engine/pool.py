@@ -130,7 +130,7 @@ class ModelPool:
         constraint = None
         if request.constraint is not None:
             compiler = self._compiler(worker)
-            grammar = (compiler.compile_lark(request.constraint.lark)
+            grammar = (compiler.compile_lark(worker.model.with_special_rule(request.constraint))
                        if isinstance(request.constraint, GrammarConstraint)
                        else compiler.compile_json(request.constraint.schema))
             constraint = grammar.new_state()

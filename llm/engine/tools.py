@@ -11,6 +11,11 @@ generic Hermes one:
 * ``llama3`` (Llama 3.1, 3.2, 3.3): Meta's JSON tool calling: the system prompt lists the tools and asks for
   ``{"name": "get_weather", "parameters": {"city": "Paris"}}`` as the whole answer, one call per turn; each result
   comes back in an ``ipython`` turn.
+* ``mistral`` (Mistral 7B v0.3, Nemo, Small, Large): the model's own template writes the tools
+  (``[AVAILABLE_TOOLS]...[/AVAILABLE_TOOLS]``), past calls and results (``[TOOL_RESULTS]...``) from structured
+  messages, with its control tokens; a call is the ``[TOOL_CALLS]`` control token, which only the grammar can
+  write (by token id), then ``[{"name": "get_weather", "arguments": {"city": "Paris"}}]``. Its template wants
+  9-character call ids: the client's ids are mapped to such ids by a hash (``template_call_id``).
 
 The model's answer is constrained by an llguidance grammar: with ``auto`` it chooses between free text and calls;
 with ``required`` or a named tool it must call; the name is always one of the tools and the arguments always match
@@ -20,6 +25,7 @@ a superset).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -43,8 +49,9 @@ _RULES = {"auto": "Call a function only when it helps; otherwise answer in plain
 class ToolFormat:
     """How a model family reads tools and writes calls.
 
-    A call is ``head + name + middle + arguments + tail``; calls are joined by ``separator``. An answer is calls
-    exactly when it starts with ``opening`` (a prefix of ``head``), and free text may not match ``not_text`` (a
+    Calls are ``special + prefix + call (separator call)* + suffix``, a call ``head + name + middle + arguments +
+    tail``; ``special`` is a control token only the grammar writes (it reads as nothing in the answer's text). An
+    answer is calls exactly when its text starts with ``opening``, and free text may not match ``not_text`` (a
     regex), so the reader can tell the two apart from the first characters."""
 
     name: str
@@ -58,6 +65,10 @@ class ToolFormat:
     tools_indent: int | None = None
     parallel: bool = True  # the family can make several calls in one answer
     results_role: str | None = None  # each result in its own turn of this role; None: one user turn of results
+    prefix: str = ""
+    suffix: str = ""
+    special: str | None = None
+    in_template: bool = False  # the chat template writes tools, calls and results (structured messages)
 
     def call_text(self, name: str, arguments: str) -> str:
         """A call as the model writes it (for assistant turns in the history); arguments re-encoded compactly."""
@@ -67,9 +78,9 @@ class ToolFormat:
             pass  # a client's malformed arguments are shown as they were
         return f"{self.head}{name}{self.middle}{arguments}{self.tail}"
 
-    def assistant_text(self, content: str | None, calls: Sequence[tuple[str, str]]) -> str:
+    def assistant_text(self, content: str | None, calls: Sequence[tuple[str, str, str]]) -> str:
         """An assistant turn with calls, as the model would have written it."""
-        blocks = self.separator.join(self.call_text(name, arguments) for name, arguments in calls)
+        blocks = self.separator.join(self.call_text(name, arguments) for name, arguments, _ in calls)
         return f"{content}\n{blocks}" if content else blocks
 
     def result_turns(self, results: Sequence[str], text: str = "") -> list[dict[str, str]]:
@@ -95,7 +106,12 @@ LLAMA3 = ToolFormat(
     instructions=("You have access to the following functions. To call a function, please respond with JSON for a "
                   'function call. Respond in the format {{"name": function name, "parameters": dictionary of argument '
                   "name and its value}}. Do not use variables.\n\n{tools}\n\n{rule}"))
-TOOL_FORMATS = {form.name: form for form in (HERMES, LLAMA3)}
+# Mistral's template lists the tools itself; the system prompt gains only the rule.
+MISTRAL = ToolFormat(
+    "mistral", head='{"name": "', middle='", "arguments": ', tail="}", separator=", ", opening='[{"name": "',
+    not_text='[ \\t\\n]*\\[[ \\t\\n]*\\{(?s:.*)', instructions="{rule}", prefix="[", suffix="]",
+    special="[TOOL_CALLS]", in_template=True)
+TOOL_FORMATS = {form.name: form for form in (HERMES, LLAMA3, MISTRAL)}
 
 
 def tool_format(name: str) -> ToolFormat:
@@ -114,6 +130,8 @@ def template_tool_format(template: str | None) -> str:
         return "hermes"
     if "<|start_header_id|>" in template and '"parameters"' in template:
         return "llama3"
+    if "[TOOL_CALLS]" in template and "[AVAILABLE_TOOLS]" in template:
+        return "mistral"
     return "hermes"
 
 
@@ -181,16 +199,22 @@ class ToolUse:
         return replace(self, format=form)
 
     def system_text(self) -> str:
-        """What the system prompt gains: the tools and how to call them."""
+        """What the system prompt gains: the tools (unless the template lists them) and how to call them."""
         indent = self.format.tools_indent
-        listed = ("\n\n" if indent else "\n").join(json.dumps({"type": "function", "function": {
-            "name": tool.name, "description": tool.description, "parameters": tool.parameters}},
-            ensure_ascii=False, indent=indent) for tool in self.tools)
+        listed = ("\n\n" if indent else "\n").join(json.dumps(spec, ensure_ascii=False, indent=indent)
+                                                  for spec in self.definitions())
         rule = _RULES.get(self.choice, f"You must call the function {self.choice}.")
         return self.format.instructions.format(tools=listed, rule=rule)
 
+    def definitions(self) -> list[dict]:
+        """The tools as OpenAI writes them (and chat templates read them); no empty descriptions."""
+        return [{"type": "function", "function": {"name": tool.name, **(
+            {"description": tool.description} if tool.description else {}), "parameters": tool.parameters}}
+            for tool in self.tools]
+
     def grammar(self) -> str:
-        """The Lark grammar of a valid answer: free text (auto only) or calls to these tools."""
+        """The Lark grammar of a valid answer: free text (auto only) or calls to these tools. The format's control
+        token is the rule ``special``, which the engine defines by the model's token id (``GrammarConstraint``)."""
         form = self.format
         callable_tools = self.tools if self.choice in ("auto", "required") else (self.tool(self.choice),)
         rules = []
@@ -200,6 +224,8 @@ class ToolUse:
                          f"{json.dumps(form.tail)}")
             rules.append(f"args_{index}: %json{json.dumps(schema, ensure_ascii=False)}")
         calls = f"call ({json.dumps(form.separator)} call)*" if self.parallel and form.parallel else "call"
+        calls = " ".join(filter(None, ["special" if form.special else "", form.prefix and json.dumps(form.prefix),
+                                       calls, form.suffix and json.dumps(form.suffix)]))
         start = "TEXT | calls" if self.choice == "auto" else "calls"
         return "\n".join([f"start: {start}", f"calls: {calls}",
                           "call: " + " | ".join(f"call_{i}" for i in range(len(callable_tools))),
@@ -213,18 +239,67 @@ class ToolUse:
         return reader.finish(self, finish_reason)
 
 
-def model_history(messages: Sequence[dict], form: ToolFormat) -> list[dict[str, str]]:
+def model_history(messages: Sequence[dict], form: ToolFormat, tools: ToolUse | None = None) -> list[dict]:
     """Client-held history with tool use (messages marked with ``calls`` or ``results`` by the API layer) as the
-    model's own turns."""
+    model's own turns; for a format its template writes, structured turns (and the tools on the first)."""
+    if form.in_template:
+        return _template_history(messages, tools)
     turns: list[dict[str, str]] = []
     for message in messages:
         if message.get("calls"):
             turns.append({"role": "assistant", "content": form.assistant_text(message["content"], message["calls"])})
         elif message.get("results"):
-            turns += form.result_turns(message["results"], message["content"])
+            turns += form.result_turns([text for _, text in message["results"]], message["content"])
         else:
             turns.append({"role": message["role"], "content": message["content"]})
     return turns
+
+
+def _template_history(messages: Sequence[dict], tools: ToolUse | None) -> list[dict]:
+    """Turns as Hugging Face's chat templates take them: ``tool_calls`` on assistant turns (arguments as objects),
+    one ``tool`` turn per result with its call's ``tool_call_id``. A call or result without an id pairs up by
+    order (the n-th result answers the n-th call)."""
+    turns: list[dict] = []
+    made = answered = 0
+    for message in messages:
+        if message.get("calls"):
+            calls = []
+            for name, arguments, ident in message["calls"]:
+                calls.append({"id": template_call_id(ident or f"#{made}"), "type": "function",
+                              "function": {"name": name, "arguments": _arguments_value(arguments)}})
+                made += 1
+            turns.append({"role": "assistant", "content": message["content"], "tool_calls": calls})
+        elif message.get("results"):
+            for ident, text in message["results"]:
+                ident = template_call_id(ident or f"#{answered}")
+                turns.append({"role": "tool", "content": text, "tool_call_id": ident})
+                answered += 1
+            if message["content"]:
+                turns.append({"role": "user", "content": message["content"]})
+        else:
+            turns.append({"role": message["role"], "content": message["content"]})
+    if tools is not None and turns:
+        turns[0] = {**turns[0], "tools": tools.definitions()}
+    return turns
+
+
+def _arguments_value(arguments: str) -> Any:
+    """A call's arguments as the object templates expect (a client's malformed JSON stays the text it was)."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def client_call_id(ident: Any) -> str:
+    """A call id from a client's history ("" when it sent none: calls and results then pair up by order)."""
+    return ident if isinstance(ident, str) else ""
+
+
+def template_call_id(ident: str) -> str:
+    """A client's call id as the 9 letters and digits Mistral's template insists on; the same id always maps to
+    the same one, so a result finds its call and the rendering stays prefix-stable across turns."""
+    return hashlib.sha256(ident.encode()).hexdigest()[:9]
 
 
 def new_call_id() -> str:
@@ -242,7 +317,7 @@ class CallReader:
         self.text = ""
         self.kind: str | None = None  # "text" or "calls" once known
         self.calls: list[list[str]] = []  # [id, name, arguments]
-        self._position = 0
+        self._position = len(form.prefix)
         self._state = "head"
         self._depth, self._in_string, self._escaped = 0, False, False  # where the arguments' JSON stands
 
@@ -308,10 +383,15 @@ class CallReader:
                 if len(rest) < len(tail):
                     return
                 self._position, self._state = self._position + len(tail), "between"
-            else:  # between calls
+            elif self._state == "between":
                 if not rest:
                     return
-                self._position, self._state = self._position + len(separator), "head"
+                if self.format.suffix and rest.startswith(self.format.suffix):
+                    self._position, self._state = self._position + len(self.format.suffix), "end"
+                else:
+                    self._position, self._state = self._position + len(separator), "head"
+            else:  # after the suffix the grammar allows nothing
+                return
 
     def close(self) -> Iterator[tuple]:
         """At the end of the stream: a short answer still undecided (say ``<to``) was text after all."""
@@ -323,7 +403,7 @@ class CallReader:
         """(text, calls) once the answer has ended; a call cut off by max_tokens is an error, never half sent."""
         if self.kind != "calls":
             return self.text, []
-        if self._state != "between":
+        if self._state != ("end" if self.format.suffix else "between"):
             raise IncompleteOutput("The tool call was not complete within max_tokens; raise max_tokens.")
         calls = []
         for ident, name, arguments in self.calls:

@@ -19,7 +19,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify
 
 from llm.conversation.service import ActiveTurn
-from llm.engine.tools import CallReader, ToolUse, check_tool
+from llm.engine.tools import CallReader, ToolUse, check_tool, client_call_id
 from llm.errors import BadRequest, PayloadTooLarge
 from llm.web.api.openai import _number, body
 from llm.web.api.openai_output import sse_lines
@@ -61,11 +61,13 @@ def _message(message: Any, where: str) -> dict[str, Any]:
         if _is_text(block):
             text += block["text"]
         elif kind == "tool_use" and message["role"] == "assistant" and isinstance(block.get("name"), str):
-            calls.append((block["name"], json.dumps(block.get("input") or {}, ensure_ascii=False)))
+            calls.append((block["name"], json.dumps(block.get("input") or {}, ensure_ascii=False),
+                          client_call_id(block.get("id"))))
         elif kind == "tool_result" and message["role"] == "user":
             result = block.get("content") or ""
             result = result if isinstance(result, str) else _text(result, f"{where}.content")
-            results.append(f"Error: {result}" if block.get("is_error") else result)
+            result = f"Error: {result}" if block.get("is_error") else result
+            results.append((client_call_id(block.get("tool_use_id")), result))
         else:
             raise BadRequest(f"{where}.content: only text, tool_use (assistant) and tool_result (user) blocks are "
                              "supported.", param=f"{where}.content")

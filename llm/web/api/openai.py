@@ -16,7 +16,7 @@ from flask import Blueprint, jsonify, request
 
 from llm.conversation.service import ActiveTurn, message_text
 from llm.engine import JsonConstraint
-from llm.engine.tools import ToolUse, check_tool
+from llm.engine.tools import ToolUse, check_tool, client_call_id
 from llm.errors import BadRequest, PayloadTooLarge
 from llm.schema_support import check_schema
 from llm.web.api import services, structured
@@ -175,7 +175,7 @@ def tool_use(data: dict) -> ToolUse | None:
 
 def plain_history(messages: Any) -> Any:
     """OpenAI's tool history marked for the chat service: an assistant turn with ``tool_calls`` carries its
-    ``calls``; consecutive ``tool`` messages become one user turn of ``results``."""
+    ``calls`` (name, arguments, id); consecutive ``tool`` messages become one user turn of ``results`` (id, text)."""
     if not isinstance(messages, list):
         return messages
     converted: list[dict] = []
@@ -190,10 +190,12 @@ def plain_history(messages: Any) -> Any:
                 raise BadRequest(f"messages[{index}].tool_calls must be a list of function calls with name and "
                                  "arguments.", param=f"messages[{index}].tool_calls")
             content = message_text({"role": "assistant", "content": message.get("content") or ""}, index)["content"]
-            converted.append({"role": "assistant", "content": content,
-                              "calls": [(call["function"]["name"], call["function"]["arguments"]) for call in calls]})
+            converted.append({"role": "assistant", "content": content, "calls": [(
+                call["function"]["name"], call["function"]["arguments"], client_call_id(call.get("id")))
+                for call in calls]})
         elif role == "tool":
-            result = message_text({"role": "user", "content": message.get("content")}, index)["content"]
+            result = (client_call_id(message.get("tool_call_id")),
+                      message_text({"role": "user", "content": message.get("content")}, index)["content"])
             last = converted[-1] if converted and isinstance(converted[-1], dict) else {}
             if last.get("results") and not last["content"]:
                 last["results"].append(result)
