@@ -181,6 +181,8 @@ def test_the_reader_reads_mistrals_list_of_calls(size):
     events, reader = read([answer[:-1]], MISTRAL)
     with pytest.raises(IncompleteOutput):
         reader.finish(USE, "length")
+    events, reader = read([" ", answer[:size]] + [answer[i:i + size] for i in range(size, len(answer), size)], MISTRAL)
+    assert reader.kind == "calls" and len(reader.finish(USE, "stop")[1]) == 2  # " [" as SentencePiece writes it
 
 
 @pytest.mark.parametrize("text", ["Hello", "[", "[1] is a footnote", "[{", "[ {"])
@@ -188,7 +190,7 @@ def test_mistral_text_streams_as_text_unless_it_opens_a_list_of_objects(text):
     events, reader = read([text], MISTRAL)
     assert reader.kind == "text" and "".join(event[1] for event in events) == text
     grammar = USE.formatted(MISTRAL).grammar()
-    assert 'calls: special "[" call (", " call)* "]"' in grammar
+    assert 'calls: special " "? "[" call (", " call)* "]"' in grammar
     assert r"~/[ \t\n]*\[[ \t\n]*\{(?s:.*)/" in grammar  # so text can never be read as calls
 
 

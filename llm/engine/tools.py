@@ -224,7 +224,8 @@ class ToolUse:
                          f"{json.dumps(form.tail)}")
             rules.append(f"args_{index}: %json{json.dumps(schema, ensure_ascii=False)}")
         calls = f"call ({json.dumps(form.separator)} call)*" if self.parallel and form.parallel else "call"
-        calls = " ".join(filter(None, ["special" if form.special else "", form.prefix and json.dumps(form.prefix),
+        # After a control token, SentencePiece vocabularies (Mistral 7B v0.3) write " [": one space may come first.
+        calls = " ".join(filter(None, ['special " "?' if form.special else "", form.prefix and json.dumps(form.prefix),
                                        calls, form.suffix and json.dumps(form.suffix)]))
         start = "TEXT | calls" if self.choice == "auto" else "calls"
         return "\n".join([f"start: {start}", f"calls: {calls}",
@@ -341,9 +342,12 @@ class CallReader:
         self.text += piece
         if self.kind is None:
             opening = self.format.opening
-            if len(self.text) < len(opening) and opening.startswith(self.text):
+            lead = 1 if self.format.special and self.text.startswith(" ") else 0  # the grammar's optional space
+            text = self.text[lead:]
+            if len(text) < len(opening) and opening.startswith(text):
                 return
-            self.kind = "calls" if self.text.startswith(opening) else "text"
+            self.kind = "calls" if text.startswith(opening) else "text"
+            self._position += lead
             piece = self.text
         if self.kind == "text":
             yield ("text", piece)
