@@ -88,8 +88,9 @@ class _StandIns:
 class ChatFormat:
     """Renders messages to text; ``stops`` are extra stop strings for models whose end-of-turn is not EOG.
 
-    A message may carry ``tool_calls`` and ``tool_call_id`` and the first may carry ``tools``, for tool formats
-    the model's own template writes (``llm.engine.tools``); only template formats (``renders_tools``) take them."""
+    A message may carry ``tool_calls``, ``tool_call_id`` and ``tools`` (the first message that has them gives the
+    template its ``tools``), for tool formats the model's own template writes (``llm.engine.tools``); only template
+    formats (``renders_tools``) take them."""
 
     name: str
     render: Callable[..., str]
