@@ -11,6 +11,7 @@ import pytest
 
 from llm.engine import GenerationRequest, JsonConstraint, SamplingParams
 from llm.engine.pool import ModelPool
+from llm.engine.sampling import is_plain_greedy
 from llm.engine.scheduler import SuspendedStore, common_prefix
 from llm.errors import Overloaded
 from llm.models import ModelSpec, embedded_model_path
@@ -219,6 +220,25 @@ def test_speculative_drafts_are_verified_and_change_nothing_but_speed(embedded):
         assert cut == plain[:plain.index("granite")] and handle.finish_reason == "stop"
         seeded = [answer(max_tokens=30, temperature=0.8, seed=7)[0] for _ in range(2)]
         assert seeded[0] == seeded[1]  # sampling stays reproducible with a seed
+    finally:
+        pool.close()
+
+
+@pytest.mark.integration
+def test_plain_greedy_is_the_argmax_that_llama_cpps_greedy_sampler_takes(embedded):
+    """Plain greedy skips llama.cpp's sampler chain (the scheduler takes the argmax itself); a zero logit bias keeps
+    the chain: both write the same answer, with a grammar too."""
+    plain = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=40, speculative=False)
+    chained = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=40, speculative=False,
+                             logit_bias=((0, 0.0),))
+    assert is_plain_greedy(plain) and not is_plain_greedy(chained)
+    pool = make_pool()
+    try:
+        messages = [{"role": "user", "content": "Name three rivers of Europe and say one thing about each."}]
+        for constraint in (None, JsonConstraint({"type": "object", "properties": {"river": {"type": "string"}}})):
+            answers = [pool.submit(GenerationRequest(embedded, messages, params, constraint=constraint)).text()
+                       for params in (plain, chained)]
+            assert answers[0] == answers[1] and answers[0]
     finally:
         pool.close()
 

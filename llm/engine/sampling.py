@@ -34,6 +34,14 @@ def token_logprob(logits: np.ndarray, token: int, top: int, piece) -> TokenLogpr
     return TokenLogprob(piece(token), float(logits[token]) - total, best)
 
 
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """Greedy with nothing that changes the logits first: the answer is the logits' argmax, which the scheduler
+    takes itself (10 µs) instead of llama.cpp's sampler (185 µs: it copies the whole vocabulary into a candidate
+    array first), per sequence and token."""
+    return (params.temperature <= 0 and not params.logit_bias and not params.ignore_eos and params.repeat_penalty == 1.0
+            and not params.frequency_penalty and not params.presence_penalty and params.dry_multiplier <= 0)
+
+
 def build_sampler(params: SamplingParams, vocab, n_vocab: int, end_tokens: tuple[int, ...] = ()):
     """A sampler chain for one request; the caller frees it with ``llama_sampler_free``.
 

@@ -30,7 +30,7 @@ from llm.engine import Handle, SamplingParams, Usage
 from llm.engine.drafts import PromptLookup
 from llm.engine.memory import describe, free_memory, plan_cache
 from llm.engine.model import LoadedModel
-from llm.engine.sampling import TextStream, build_sampler, token_logprob
+from llm.engine.sampling import TextStream, build_sampler, is_plain_greedy, token_logprob
 from llm.errors import GenerationFailed, Overloaded, ServiceError
 from llm.settings import Settings
 
@@ -360,7 +360,8 @@ class Scheduler:
     def _start(self, slot: Slot, job: Job) -> None:
         model = self.model
         job.pending = job.prompt[len(slot.tokens):]
-        job.sampler = build_sampler(job.sampling, model.vocab, model.n_vocab, model.end_tokens)
+        if not is_plain_greedy(job.sampling):  # plain greedy is the argmax, taken in _sample
+            job.sampler = build_sampler(job.sampling, model.vocab, model.n_vocab, model.end_tokens)
         job.stream = TextStream(tuple(job.sampling.stop) + job.stops)
         if self.draft_tokens and job.sampling.speculative:
             job.lookup = PromptLookup(job.prompt, self.draft_tokens)
@@ -477,7 +478,7 @@ class Scheduler:
         it ends there; returns the token (None when the job failed)."""
         job, model = slot.job, self.model
         wants_logprobs = job.sampling.logprobs is not None
-        if job.constraint is not None or wants_logprobs:
+        if job.constraint is not None or wants_logprobs or job.sampler is None:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(model.n_vocab,))
         if job.constraint is not None:
             try:
@@ -485,7 +486,10 @@ class Scheduler:
             except ServiceError as exc:  # e.g. the grammar engine hit a resource limit
                 self._finish(slot, "error", exc)
                 return
-        token = llama_cpp.llama_sampler_sample(job.sampler, self.ctx, index)
+        if job.sampler is None:  # plain greedy: the first highest logit, as llama.cpp's greedy sampler picks
+            token = int(logits.argmax())
+        else:
+            token = llama_cpp.llama_sampler_sample(job.sampler, self.ctx, index)
         if job.first_token_at is None:
             job.first_token_at = time.monotonic()
         if job.constraint is not None:
