@@ -12,7 +12,7 @@ import pytest
 from llm.engine import GenerationRequest, JsonConstraint, SamplingParams
 from llm.engine.pool import ModelPool
 from llm.engine.sampling import is_plain_greedy
-from llm.engine.scheduler import SuspendedStore, common_prefix
+from llm.engine.scheduler import SuspendedStore, common_prefix, compacting_swaps, runs
 from llm.errors import Overloaded
 from llm.models import ModelSpec, embedded_model_path
 from llm.schema_support import validate_output
@@ -34,6 +34,32 @@ def test_suspended_store_is_bounded_lru():
     assert store.pop("b") == ([2], b"yyyy") and len(store) == 1
     store.put("huge", [4], b"x" * 11)
     assert store.peek_tokens("huge") is None
+
+
+def test_runs_count_the_decode_passes_of_a_step():
+    assert runs([True, True, False, False]) == 1
+    assert runs([True, False, True, True, False, True]) == 3
+    assert runs([False] * 4) == 0
+
+
+def test_compacting_swaps_make_busy_streams_consecutive_with_fewest_exchanges():
+    for pattern in range(256):
+        busy = [bool(pattern >> i & 1) for i in range(8)]
+        swaps = compacting_swaps(busy, [10] * 8)
+        width = sum(busy)
+        fewest = width - max((sum(busy[start:start + width]) for start in range(9 - width)), default=0)
+        assert len(swaps) == fewest
+        for i, j in swaps:
+            assert busy[i] and not busy[j]
+            busy[i], busy[j] = busy[j], busy[i]
+        assert runs(busy) <= 1
+
+
+def test_compacting_swaps_copy_the_fewest_cached_tokens():
+    busy = [True, False, False, False, False, False, False, True]
+    assert compacting_swaps(busy, [900, 0, 0, 0, 0, 0, 50, 40]) == [(7, 1)]  # not 900 tokens into id 6
+    assert compacting_swaps(busy, [30, 500, 0, 0, 0, 0, 0, 40]) == [(0, 6)]  # id 1 holds a long conversation
+    assert compacting_swaps([True, True, False, True], [5, 5, 5, 5]) == [(3, 2)]
 
 
 def make_pool(**overrides) -> ModelPool:
@@ -220,6 +246,30 @@ def test_speculative_drafts_are_verified_and_change_nothing_but_speed(embedded):
         assert cut == plain[:plain.index("granite")] and handle.finish_reason == "stop"
         seeded = [answer(max_tokens=30, temperature=0.8, seed=7)[0] for _ in range(2)]
         assert seeded[0] == seeded[1]  # sampling stays reproducible with a seed
+    finally:
+        pool.close()
+
+
+@pytest.mark.integration
+def test_a_stream_moves_into_the_gap_a_finished_answer_leaves_and_its_answer_is_unchanged(embedded):
+    """Three streams on ids 0-2; the middle one ends first, so the scheduler exchanges one of the others with it
+    (busy ids must be consecutive for a one-pass decode). The moved answer reads on from its moved cells: both long
+    answers are what each gives alone (a copying prompt, no near-tie: see the README on batch sizes)."""
+    pool = make_pool(LLM_PARALLEL=3)
+    try:
+        def submit(text: str, tokens: int):
+            messages = [{"role": "user", "content": text}]
+            params = SamplingParams(temperature=0, max_tokens=tokens, speculative=False)
+            return pool.submit(GenerationRequest(embedded, messages, params))
+
+        copy = f"Repeat this passage exactly, word for word:\n\n{PASSAGE}"
+        quote = f"Repeat this, word for word:\n\n{PASSAGE.split('. ')[1]}."
+        alone = [submit(copy, 50).text(), submit(quote, 40).text()]
+        before = pool.stats()["models"][embedded.name]["moves"]
+        together = [submit(copy, 50), submit("Say yes.", 1), submit(quote, 40)]
+        answers = [handle.text() for handle in together]
+        assert [answers[0], answers[2]] == alone
+        assert pool.stats()["models"][embedded.name]["moves"] > before
     finally:
         pool.close()
 

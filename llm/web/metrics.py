@@ -49,6 +49,7 @@ ENGINE_FIGURES = (
     ("steps", "Scheduler steps (one llama_decode each).", True),
     ("drafted_tokens", "Speculative draft tokens checked (prompt lookup).", True),
     ("accepted_draft_tokens", "Speculative draft tokens kept: each one a decode step saved.", True),
+    ("moves", "Streams exchanged to keep busy sequence ids consecutive (one decode pass per run of ids).", True),
 )
 
 
