@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import statistics
 import sys
 import tempfile
@@ -51,13 +52,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def ask_llama_server(base: str, raw: RawLlama, question: str, tokens: int) -> tuple[int, float]:
-    """One greedy completion of the prompt our chat format renders: (tokens, server-side decode tok/s)."""
+    """One greedy completion of the prompt our chat format renders, streamed token by token as ours is (a client
+    reading every token costs CPU on this machine too): (tokens, server-side decode tok/s)."""
     body = {"prompt": raw.render(SYSTEM, question), "n_predict": tokens, "temperature": 0, "repeat_penalty": 1.0,
-            "cache_prompt": True}
-    with requests.post(base + "/completion", json=body, timeout=TIMEOUT) as response:
+            "cache_prompt": True, "stream": True}
+    with requests.post(base + "/completion", json=body, stream=True, timeout=(10, TIMEOUT)) as response:
         response.raise_for_status()
-        timings = response.json()["timings"]
-    return timings["predicted_n"], timings["predicted_per_second"]
+        for line in response.iter_lines(chunk_size=None):  # each event as it arrives
+            if line.startswith(b"data: "):
+                event = json.loads(line[6:])
+                if event.get("stop"):
+                    timings = event["timings"]
+                    return timings["predicted_n"], timings["predicted_per_second"]
+    raise RuntimeError("llama-server's stream ended without its final event")
 
 
 def measure(sides: dict[str, Callable[[str], tuple[int, float]]], args: argparse.Namespace) -> dict[str, list]:
