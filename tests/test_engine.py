@@ -7,13 +7,14 @@ import os
 import time
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from llm.engine import GenerationRequest, JsonConstraint, SamplingParams
 from llm.engine.pool import ModelPool
 from llm.engine.sampling import is_plain_greedy
-from llm.engine.scheduler import SuspendedStore, common_prefix, compacting_swaps, runs
-from llm.errors import Overloaded
+from llm.engine.scheduler import SuspendedStore, common_prefix, compacting_swaps, flash_attention, runs
+from llm.errors import ConfigError, Overloaded
 from llm.models import ModelSpec, embedded_model_path
 from llm.schema_support import validate_output
 from llm.settings import load_settings
@@ -60,6 +61,15 @@ def test_compacting_swaps_copy_the_fewest_cached_tokens():
     assert compacting_swaps(busy, [900, 0, 0, 0, 0, 0, 50, 40]) == [(7, 1)]  # not 900 tokens into id 6
     assert compacting_swaps(busy, [30, 500, 0, 0, 0, 0, 0, 40]) == [(0, 6)]  # id 1 holds a long conversation
     assert compacting_swaps([True, True, False, True], [5, 5, 5, 5]) == [(3, 2)]
+
+
+def test_flash_attention_is_off_on_a_cpu_unless_asked_for():
+    assert flash_attention("auto", on_gpu=False) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    assert flash_attention("auto", on_gpu=True) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    assert flash_attention("on", on_gpu=False) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    assert flash_attention("off", on_gpu=True) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    with pytest.raises(ConfigError, match="LLM_FLASH_ATTENTION"):
+        load_settings({}, {"LLM_FLASH_ATTENTION": "sometimes"})
 
 
 def make_pool(**overrides) -> ModelPool:
@@ -266,9 +276,12 @@ def test_a_stream_moves_into_the_gap_a_finished_answer_leaves_and_its_answer_is_
         quote = f"Repeat this, word for word:\n\n{PASSAGE.split('. ')[1]}."
         alone = [submit(copy, 50).text(), submit(quote, 40).text()]
         before = pool.stats()["models"][embedded.name]["moves"]
-        together = [submit(copy, 50), submit("Say yes.", 1), submit(quote, 40)]
-        answers = [handle.text() for handle in together]
-        assert [answers[0], answers[2]] == alone
+        first = submit(copy, 50)
+        middle = iter(submit("Count from one to one hundred, in words.", 12))
+        next(middle)  # the middle stream is generating (a dozen steps left) when the third one arrives
+        third = submit(quote, 40)
+        assert [first.text(), third.text()] == alone
+        list(middle)
         assert pool.stats()["models"][embedded.name]["moves"] > before
     finally:
         pool.close()
