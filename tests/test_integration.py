@@ -162,7 +162,7 @@ def test_ignore_eos_runs_to_max_tokens_and_logit_bias_steers(real_app):
     from llm.engine import GenerationRequest, SamplingParams
 
     engine, spec = real_app.extensions["llm"].engine, real_app.extensions["llm"].specs()
-    messages = [{"role": "user", "content": "Say yes."}]
+    messages = [{"role": "user", "content": "Say yes or no."}]  # "Yes." and the end (61 tokens for "Say yes.")
     short = engine.submit(GenerationRequest(spec, messages, SamplingParams(temperature=0, max_tokens=64)))
     text = short.text()
     assert short.finish_reason == "stop" and short.usage.completion_tokens < 64
