@@ -177,9 +177,9 @@ SETTINGS: tuple[Setting, ...] = (
             "answer's own context (prompt lookup) and verified in the same batch; output is unchanged. 0 turns it "
             "off; a personality turns it off with `speculative = false` in its sampling table."),
     Setting("LLM_FLASH_ATTENTION", "flash_attention", "auto", _one_of("auto", "on", "off"),
-            "llama.cpp's flash attention. `auto`: off when the model runs on the CPU (there its attention gets "
-            "dearer with every cached token: 32 new tokens after 865 cached prefill 1.5x faster without it, at the "
-            "cost of up to 8% under 250 cached tokens), llama.cpp's own choice when layers are on a GPU."),
+            "llama.cpp's flash attention (`auto`: llama.cpp's choice). On a CPU, `off` suits long conversations and "
+            "prompts: 32 new tokens after 865 cached prefill 1.5x faster and turn 10 of a chat gets its first token "
+            "sooner, while short contexts (under ~250 tokens) run 10-20% slower (docs/BENCHMARKS.md)."),
     Setting("LLM_SUSPEND_MB", "suspend_mb", 512, _int(0),
             "Memory (MiB) for the saved cache state of evicted conversations, restored instead of recomputed."),
     Setting("LLM_MAX_LOADED_MODELS", "max_loaded_models", 2, _int(1),

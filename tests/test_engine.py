@@ -63,11 +63,11 @@ def test_compacting_swaps_copy_the_fewest_cached_tokens():
     assert compacting_swaps([True, True, False, True], [5, 5, 5, 5]) == [(3, 2)]
 
 
-def test_flash_attention_is_off_on_a_cpu_unless_asked_for():
-    assert flash_attention("auto", on_gpu=False) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    assert flash_attention("auto", on_gpu=True) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
-    assert flash_attention("on", on_gpu=False) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    assert flash_attention("off", on_gpu=True) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+def test_flash_attention_setting_reaches_llama_cpp():
+    assert flash_attention("auto") == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    assert flash_attention("on") == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    assert flash_attention("off") == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    assert load_settings({}, {"LLM_FLASH_ATTENTION": "OFF"}).flash_attention == "off"
     with pytest.raises(ConfigError, match="LLM_FLASH_ATTENTION"):
         load_settings({}, {"LLM_FLASH_ATTENTION": "sometimes"})
 

@@ -109,11 +109,6 @@ class LoadedModel:
         return f"asked for {self.gpu_layers} GPU layers; llama.cpp reported no offload"
 
     @property
-    def on_gpu(self) -> bool:
-        """Whether layers were asked onto a GPU that this llama.cpp build can use."""
-        return self.gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
-
-    @property
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes per token (f16 keys and values in every layer), for sizing the cache."""
         heads, kv_heads = llama_cpp.llama_model_n_head(self.ptr), llama_cpp.llama_model_n_head_kv(self.ptr)

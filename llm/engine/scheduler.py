@@ -100,16 +100,13 @@ def reusable(slot: Slot, job: Job) -> int:
     return shared if slot.owner == job.owner else min(shared, job.public)
 
 
-def flash_attention(choice: str, on_gpu: bool) -> int:
-    """llama.cpp's flash attention type for LLM_FLASH_ATTENTION. Off on a CPU by default: ggml's CPU flash
-    attention gets dearer with each cached token faster than the plain path (embedded model, 2 threads, one
-    stream's step at 600 cached tokens 9.8 against 11.8 ms, 32 new tokens after 865 cached 144 against 218 ms;
-    under ~250 cached tokens up to 8% the other way). On a GPU llama.cpp decides."""
-    if choice == "on":
-        return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    if choice == "off" or not on_gpu:
-        return llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    return llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+def flash_attention(choice: str) -> int:
+    """llama.cpp's flash attention type for LLM_FLASH_ATTENTION (``auto``: llama.cpp's choice, on where it can).
+    ``off`` pays on a CPU once contexts are long: ggml's CPU flash attention gets dearer with each cached token
+    faster than the plain path (embedded model, 2 threads: 32 new tokens after 865 cached 144 against 218 ms),
+    but short contexts lose more than that gains (the full bench's 4-16 client rows 13-20% slower)."""
+    return {"on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}[choice]
 
 
 def runs(busy: list[bool]) -> int:
@@ -208,7 +205,8 @@ class Scheduler:
     @staticmethod
     def _fitting_sequences(model: LoadedModel, settings: Settings) -> int:
         """LLM_PARALLEL, lowered to what the free memory holds (read after the weights are loaded), logged."""
-        free, where = free_memory(model.on_gpu)
+        on_gpu = model.gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        free, where = free_memory(on_gpu)
         plan = plan_cache(settings.parallel, model.spec.context_window, model.kv_bytes_per_token, free, where)
         log.log(*describe(plan, settings.parallel))
         return plan.parallel
@@ -221,7 +219,7 @@ class Scheduler:
         params.n_threads = params.n_threads_batch = settings.cpu_threads
         params.kv_unified = False  # a stream per sequence: attention covers only that sequence's cells
         params.swa_full = True  # sliding-window models keep full history so cached prefixes can be reused
-        params.flash_attn_type = flash_attention(settings.flash_attention, self.model.on_gpu)
+        params.flash_attn_type = flash_attention(settings.flash_attention)
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(self.model.ptr, params)
         if not ctx:
