@@ -431,10 +431,11 @@ class Scheduler:
     def _swap(self, a: Slot, b: Slot) -> None:
         """Exchange the cells and everything else two streams hold; their sequence ids stay."""
         states = {a.seq_id: self._save_state(a), b.seq_id: self._save_state(b)}
-        for name in ("tokens", "conversation", "owner", "last_used", "job"):
-            first, second = getattr(a, name), getattr(b, name)
-            setattr(a, name, second)
-            setattr(b, name, first)
+        with self._cond:  # submit() counts busy streams: never let it see the job in both or neither
+            for name in ("tokens", "conversation", "owner", "last_used", "job"):
+                first, second = getattr(a, name), getattr(b, name)
+                setattr(a, name, second)
+                setattr(b, name, first)
         for slot in (a, b):
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
         for slot, came_from in ((a, b), (b, a)):
