@@ -441,10 +441,8 @@ class Scheduler:
         for slot, came_from in ((a, b), (b, a)):
             state = states[came_from.seq_id]
             if slot.tokens and not (state and self._load_state(slot, state)):
-                job = slot.job
-                self._clear(slot)
-                if job is not None:  # only if llama.cpp could not take back what it gave: never seen
-                    slot.job = job
+                self._clear(slot)  # its cells, not its job
+                if slot.job is not None:  # only if llama.cpp could not take back what it gave: never seen
                     self._finish(slot, "error", GenerationFailed("The engine could not move this answer."))
 
     def _clear(self, slot: Slot) -> None:
