@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
@@ -89,6 +90,37 @@ def test_choosing_another_branch_forgets_a_summary_of_turns_no_longer_shown(stor
     store.choose(cid, "alice", one)
     chosen = store.choose(cid, "alice", store.get(cid, "alice").turns[0].variants[-1])
     assert (chosen.first_kept, chosen.summary) == (0, "") and path(chosen) == ["Uno", "B1"]
+
+
+def test_a_failed_transaction_leaves_nothing_behind_and_the_next_ones_work(store):
+    """SQLite connections are kept open between transactions: one that failed after a write must be rolled back
+    before it is used again."""
+    cid = unique("failed")
+    with pytest.raises(RuntimeError), store.db.transaction() as cur:
+        cur.execute("INSERT INTO conversations (id, client_id, personality, user_id, created, updated) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", (uuid.uuid4().hex, cid, "greedy", "alice", 0.0, 0.0))
+        raise RuntimeError("the request failed after its first write")
+    assert all(item["id"] != cid for item in store.list("alice"))
+    for turn in range(12):  # more transactions than connections kept, each seeing the ones before
+        conversation = store.open(cid, "greedy", "alice")
+        assert len(conversation.turns) == 2 * turn
+        store.append(conversation, [Turn("user", f"Q{turn}"), Turn("assistant", f"A{turn}")])
+
+
+def test_concurrent_turns_from_many_threads_are_all_kept(store):
+    """Answer threads write at once, each transaction on a connection no other thread is using."""
+    ids = [unique("thread") for _ in range(12)]
+
+    def talk(cid: str) -> None:
+        for turn in range(5):
+            store.append(store.open(cid, "greedy", "bob"), [Turn("user", f"Q{turn}"), Turn("assistant", "A")])
+
+    threads = [threading.Thread(target=talk, args=(cid,)) for cid in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [len(store.open(cid, "greedy", "bob").turns) for cid in ids] == [10] * len(ids)
 
 
 def test_conversations_from_before_variants_keep_their_order(tmp_path):

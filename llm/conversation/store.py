@@ -59,6 +59,9 @@ LAST = object()  # append's default parent: the last turn of the conversation's 
 log = logging.getLogger(__name__)
 
 
+MAX_IDLE_CONNECTIONS = 8  # SQLite connections kept open between transactions (one per concurrent transaction)
+
+
 class QuotaExceeded(ServiceError):
     status = 403
     type = "quota_exceeded"
@@ -80,6 +83,8 @@ class _Database:
             self.kind, self.serial = "sqlite", "INTEGER"
             self.path = Path(url[len("sqlite:///"):]).expanduser()
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._idle: list[sqlite3.Connection] = []  # open connections between transactions
+            self._lock = threading.Lock()
         else:
             raise ConfigError(f"DATABASE_URL: unsupported URL {url!r} (use sqlite:///path or postgresql://...)")
 
@@ -90,22 +95,51 @@ class _Database:
             with self._pool.connection() as conn, conn.cursor() as cursor:
                 yield _Cursor(cursor, "%s")
             return
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn = self._connection()
         try:
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable at each checkpoint, never corrupt
             conn.execute("BEGIN IMMEDIATE")
             yield _Cursor(conn.cursor(), "?")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                conn.close()  # in a state nobody knows: not reused
+                raise
+            self._release(conn)
             raise
-        finally:
-            conn.close()
+        self._release(conn)
+
+    def _connection(self) -> sqlite3.Connection:
+        """An open connection, kept from an earlier transaction when one is idle.
+
+        A connection per transaction cost 1.7 ms of CPU for a turn's read and write against 0.3 ms reused (and
+        the last connection to close checkpoints and deletes the WAL, every time): opening parses the schema
+        and recreates the WAL. Each is used by one thread at a time."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable at each checkpoint, never corrupt
+        return conn
+
+    def _release(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            if len(self._idle) < MAX_IDLE_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def close(self) -> None:
         if self.kind == "postgresql":
             self._pool.close()
+            return
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 class _Cursor:
