@@ -223,3 +223,114 @@ def test_edit_replaces_a_question_and_keeps_the_earlier_branch(live_fake, fake_e
             "One", "Hello from the fake engine.", "Two", "Hello from the fake engine."]
     with client.post("/conversations/edit-1/messages/99999999/choose") as response:
         assert response.status_code == 404 and response.get_json()["error"]["type"] == "not_found"
+
+
+class LoopThread:
+    """A real event loop in a thread, as uvicorn runs one, and a ``send`` that keeps what it sends and can be
+    held (a client that stops reading) or made to fail (a client that went away)."""
+
+    def __init__(self):
+        import asyncio
+
+        self.asyncio = asyncio
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.sent: list[str] = []
+        self.open = threading.Event()  # cleared: sends wait (a reader that does not read)
+        self.open.set()
+        self.failure: Exception | None = None
+
+    async def send(self, event):
+        while not self.open.is_set():
+            await self.asyncio.sleep(0.01)
+        if self.failure is not None:
+            raise self.failure
+        self.sent.append(event["text"])
+
+    def call(self, function, *args):
+        """Run ``function`` on the loop (what the server's coroutines do) and return its result."""
+        async def run():
+            result = function(*args)
+            return await result if self.asyncio.iscoroutine(result) else result
+        return self.asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=30)
+
+    def close(self):
+        async def cancel_the_rest():
+            tasks = self.asyncio.all_tasks() - {self.asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            await self.asyncio.gather(*tasks, return_exceptions=True)
+
+        self.call(cancel_the_rest)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def loop_thread():
+    running = LoopThread()
+    yield running
+    running.close()
+
+
+def outbox(loop_thread, window=64):
+    from llm.web.api.socket import Outbox
+
+    return loop_thread.call(lambda: Outbox(loop_thread.loop, loop_thread.send, window))
+
+
+def test_outbox_sends_every_frame_in_order_and_drain_waits_for_them(loop_thread):
+    box = outbox(loop_thread, window=8)
+    frames = [f"token {i}" for i in range(500)]
+    answer = threading.Thread(target=lambda: [box.put(frame) for frame in frames])
+    answer.start()
+    answer.join(timeout=30)
+    loop_thread.call(box.drain)
+    assert loop_thread.sent == frames
+    loop_thread.call(box.close)
+
+
+def test_outbox_lets_an_answer_run_ahead_of_a_slow_reader_only_by_its_window(loop_thread):
+    box = outbox(loop_thread, window=4)
+    loop_thread.open.clear()  # the client stops reading
+    for i in range(4):
+        box.put(f"token {i}")  # returns at once: the thread does not wait on the loop for each frame
+    blocked = threading.Thread(target=box.put, args=("token 4",), daemon=True)
+    blocked.start()
+    blocked.join(timeout=0.3)
+    assert blocked.is_alive()  # past the window the answer waits for its reader
+    loop_thread.open.set()
+    blocked.join(timeout=30)
+    assert not blocked.is_alive()
+    loop_thread.call(box.drain)
+    assert loop_thread.sent == [f"token {i}" for i in range(5)]
+    loop_thread.call(box.close)
+
+
+def test_outbox_after_a_failed_send_or_a_close_every_put_raises_and_waiting_threads_are_released(loop_thread):
+    box = outbox(loop_thread, window=2)
+    loop_thread.failure = OSError("the client went away")
+    box.put("first")
+    loop_thread.call(box.drain)
+    with pytest.raises(ConnectionError):
+        box.put("second")
+
+    box = outbox(loop_thread, window=1)
+    loop_thread.failure, errors = None, []
+    loop_thread.open.clear()
+    box.put("held")
+
+    def put():
+        try:
+            box.put("waits for room")
+        except ConnectionError as error:
+            errors.append(error)
+
+    waiting = threading.Thread(target=put, daemon=True)
+    waiting.start()
+    loop_thread.call(box.close)  # the socket closed while an answer's thread waited for room
+    waiting.join(timeout=30)
+    assert not waiting.is_alive() and len(errors) == 1
+    loop_thread.open.set()

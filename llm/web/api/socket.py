@@ -25,7 +25,7 @@ import logging
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qs
@@ -44,6 +44,83 @@ SESSION = re.compile(r"^\|SESSION\|(?P<id>[^|]*)\|/SESSION\|\s*", re.DOTALL)
 REGENERATE = "|REGENERATE|"
 EDIT = re.compile(r"^\|EDIT\|(?P<id>\d{1,18})\|/EDIT\|", re.DOTALL)
 ROUTE = re.compile(r"^/gpt-socket/(?P<personality>[^/]+)$")
+
+
+class Outbox:
+    """One websocket's outgoing text frames: queued by answer threads, sent in order by one task on the loop.
+
+    An answer's thread used to wait on the event loop for every token it sent (``run_coroutine_threadsafe``):
+    two thread wake-ups, a task and a cross-thread future per frame, Python that runs while ``llama_decode``
+    keeps the cores busy and so slows every answer. Now the thread queues the frame and goes back to the engine,
+    and the writer task sends what is queued, woken only when it had gone idle. A slow reader still holds up
+    only its own answer: past ``window`` frames not yet sent, ``put`` waits. Once a send fails (the client went
+    away) or the socket closes, every later ``put`` raises, as a direct send did. ``drain`` waits until what was
+    queued before it is sent: close frames, sent by the loop itself, follow it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, send, window: int = 64):
+        self._loop, self._send, self._window = loop, send, window
+        self._items: deque[str | asyncio.Future] = deque()  # frames, and the futures of drain() calls
+        self._lock = threading.Lock()
+        self._room = threading.Semaphore(window)
+        self._writing = False  # the writer is sending, or has been woken to: no need to wake it
+        self._wake = asyncio.Event()
+        self.error: BaseException | None = None
+        self.task = loop.create_task(self._write())
+
+    def put(self, text: str) -> None:
+        """Queue a frame (from an answer's thread); raises once the socket is gone."""
+        self._room.acquire()
+        with self._lock:
+            if self.error is not None:
+                self._room.release()
+                raise ConnectionError("The websocket is closed.") from self.error
+            self._items.append(text)
+            wake, self._writing = not self._writing, True
+        if wake:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def drain(self) -> None:
+        """Until every frame queued so far has been sent (or the socket has failed)."""
+        with self._lock:
+            if self.error is not None or (not self._items and not self._writing):
+                return
+            done = self._loop.create_future()
+            self._items.append(done)
+            wake, self._writing = not self._writing, True
+        if wake:
+            self._wake.set()
+        await done
+
+    def close(self, error: BaseException | None = None) -> None:
+        """No more frames (on the loop): queued ones are dropped, waiting threads and drains released."""
+        with self._lock:
+            self.error = self.error or error or ConnectionError("The websocket closed.")
+            items, self._items, self._writing = list(self._items), deque(), False
+        for item in items:
+            if isinstance(item, asyncio.Future) and not item.done():
+                item.set_result(None)
+        self._room.release(self._window)  # a thread waiting for room wakes, sees the error and raises
+        self.task.cancel()
+
+    async def _write(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                with self._lock:
+                    if not self._items:
+                        self._writing = False
+                        break
+                    item = self._items.popleft()
+                if isinstance(item, asyncio.Future):
+                    item.set_result(None)
+                    continue
+                try:
+                    await self._send({"type": "websocket.send", "text": item})
+                except Exception as exc:  # noqa: BLE001 - the client went away: later puts raise this
+                    self.close(exc)
+                    return
+                self._room.release()
 
 
 class Frames:
@@ -313,19 +390,18 @@ async def _converse(llm, registry, scope, receive, send, user, charge, personali
     """Read frames until the socket closes; prompts are answered one after another in the answer pool."""
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-
-    def send_text(text: str) -> None:  # from the answer's thread; waits so a slow reader slows only itself
-        asyncio.run_coroutine_threadsafe(send({"type": "websocket.send", "text": text}), loop).result()
-
+    outbox = Outbox(loop, send)  # every frame after the accept goes through it, close frames after a drain
     query = parse_qs(scope.get("query_string", b"").decode("latin1"))
     flags = query.get("format", []) + query.get("end", [])
     end_with_session = "session" in flags or (llm.settings.socket_end_session and "plain" not in flags)
     owner = user if user != ANONYMOUS else f"addr:{_address(scope)}"  # who may resume (not the address alone:
     # a phone that changes network keeps its cookie identity)
-    session = SocketSession(llm, send_text, personality, "json" in flags, user, charge, end_with_session,
+    session = SocketSession(llm, outbox.put, personality, "json" in flags, user, charge, end_with_session,
                             registry.answers, owner)
     if await loop.run_in_executor(registry.executor, session.refuse_unknown_personality):
+        await outbox.drain()
         await send({"type": "websocket.close", "code": 1000})
+        outbox.close()
         return
     prompts: asyncio.Queue = asyncio.Queue()
     if session.answers is not None and query.get("resume"):
@@ -342,6 +418,7 @@ async def _converse(llm, registry, scope, receive, send, user, charge, personali
                 if session.closed.is_set():
                     return
                 log.exception("websocket answer failed")
+                await outbox.drain()
                 await send({"type": "websocket.close", "code": 1011})
                 return
 
@@ -353,6 +430,7 @@ async def _converse(llm, registry, scope, receive, send, user, charge, personali
                 event = await asyncio.wait_for(receive(), timeout=idle)
             except TimeoutError:
                 if session.current is None and prompts.empty():
+                    await outbox.drain()
                     await send({"type": "websocket.close", "code": 1000, "reason": "idle"})
                     return
                 continue
@@ -375,5 +453,6 @@ async def _converse(llm, registry, scope, receive, send, user, charge, personali
                 await worker
             except Exception:  # noqa: BLE001 - the client is gone; sends to it fail
                 pass
+        outbox.close()
         if llm.chat.observer is not None:
             llm.chat.observer.websocket_closed(path=scope["path"], duration=time.monotonic() - started, user=user)
