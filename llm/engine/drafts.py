@@ -11,6 +11,10 @@ from __future__ import annotations
 
 MIN_NGRAM, MAX_NGRAM = 3, 5
 PAUSE = 16  # steps without drafting after a draft is not kept in full
+# Tokens in a row the answer must have copied from the prompt by itself before a draft is proposed. A suffix that
+# merely occurs in the prompt (a common phrase) is a poor bet in free chat, and a wrong draft costs a pass of its
+# own beside other streams (llama.cpp's split_equal takes the same number of tokens of each stream per pass).
+FOLLOWED = 1
 
 
 class PromptLookup:
@@ -24,32 +28,44 @@ class PromptLookup:
         self.tokens: list[int] = list(prompt)
         self.limit = limit
         self.length = 2  # grows while drafts are kept
+        self.followed = 0  # the answer's last tokens that were the prompt's continuation, in a row
         self._paused = 0
+        self._next: int | None = None  # where the prompt continues the answer's current suffix
         # Only the prompt is indexed: what an answer copies is its input. A model repeating its own phrases (small
         # models ramble) would otherwise draft from itself all through free chat and lose more than it gains.
         self._index: dict[tuple[int, ...], int] = {}
         for follower in range(MIN_NGRAM, len(prompt)):
             for n in range(MIN_NGRAM, min(MAX_NGRAM, follower) + 1):
                 self._index[tuple(prompt[follower - n:follower])] = follower
+        self._next = self._continuation()  # a conversation's prompt ends as its earlier turns began
 
     def extend(self, tokens: list[int]) -> None:
-        """Append the answer's tokens (looked up as the suffix, never indexed as a source)."""
-        self.tokens.extend(tokens)
+        """Append the answer's tokens (looked up as the suffix, never indexed as a source), counting how many in a
+        row were what the prompt had next."""
+        for token in tokens:
+            self.followed = self.followed + 1 if self._next is not None and self.tokens[self._next] == token else 0
+            self.tokens.append(token)
+            self._next = self._continuation()
 
-    def draft(self, most: int) -> list[int]:
-        """Tokens that followed the latest earlier occurrence of the longest matching suffix (at most ``most``)."""
-        size = min(self.length, most)
-        if self._paused:
-            self._paused -= 1
-            return []
-        if size <= 0:
-            return []
+    def _continuation(self) -> int | None:
+        """The position after the latest earlier occurrence of the longest matching suffix (3 to 5 tokens)."""
         for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
             if len(self.tokens) >= n:
                 follower = self._index.get(tuple(self.tokens[-n:]))
                 if follower is not None:
-                    return self.tokens[follower:follower + size]
-        return []
+                    return follower
+        return None
+
+    def draft(self, most: int) -> list[int]:
+        """What the prompt has next after the answer's suffix (at most ``most`` tokens), once the answer is copying
+        (``FOLLOWED``)."""
+        size = min(self.length, most)
+        if self._paused:
+            self._paused -= 1
+            return []
+        if size <= 0 or self._next is None or self.followed < FOLLOWED:
+            return []
+        return self.tokens[self._next:self._next + size]
 
     def feedback(self, proposed: int, accepted: int) -> None:
         """Adapt the draft length to how much of the last draft the model kept: a whole draft kept doubles it;
