@@ -1,11 +1,12 @@
 """CPU time per streamed token, by thread, of our service under N websocket clients.
 
-Wall-clock rows move 5-10% between runs on a shared machine; CPU time spent per token moves much less, and on a
-machine with as many cores as llama.cpp threads every millisecond of Python outside llama.cpp is taken from it
-(the Python threads run while ``llama_decode`` has released the GIL, so they preempt a llama.cpp thread). This
-serves the real stack in this process (``BackgroundServer``: the engine, uvicorn, the answer pool) so every
-thread is known by its Python name, drives it from a separate client process, and reads each thread's user and
-system time from ``/proc`` before and after.
+Wall-clock rows move 5-10% between runs on a shared machine; the CPU time of the Python threads per token moves
+much less, and on a machine with as many cores as llama.cpp threads every millisecond of it is taken from
+llama.cpp (those threads run while ``llama_decode`` has released the GIL, so they preempt a llama.cpp thread).
+llama.cpp's own threads spin while they wait (OpenMP), so their rows are about 2 cores / throughput and say
+little. This serves the real stack in this process (``BackgroundServer``: the engine, uvicorn, the answer pool)
+so every thread is known by its Python name, drives it from a separate client process, and reads each thread's
+user and system time from ``/proc`` before and after.
 
     python bench/cpu.py --clients 4 --reps 3            # the table
     python bench/cpu.py --clients 4 LLM_DRAFT_TOKENS=0   # with settings (NAME=VALUE)
@@ -165,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in sorted(spent.items(), key=lambda item: -item[1]):
         if seconds > 0:
             print(f"{name:32} {seconds:8.2f} {1000 * seconds / tokens:9.3f}")
-    print(f"{'all':32} {sum(spent.values()):8.2f} {1000 * sum(spent.values()) / tokens:9.3f}")
     return 0
 
 

@@ -30,14 +30,14 @@ class PromptLookup:
         self.length = 2  # grows while drafts are kept
         self.followed = 0  # the answer's last tokens that were the prompt's continuation, in a row
         self._paused = 0
-        self._next: int | None = None  # where the prompt continues the answer's current suffix
         # Only the prompt is indexed: what an answer copies is its input. A model repeating its own phrases (small
         # models ramble) would otherwise draft from itself all through free chat and lose more than it gains.
         self._index: dict[tuple[int, ...], int] = {}
         for follower in range(MIN_NGRAM, len(prompt)):
             for n in range(MIN_NGRAM, min(MAX_NGRAM, follower) + 1):
                 self._index[tuple(prompt[follower - n:follower])] = follower
-        self._next = self._continuation()  # a conversation's prompt ends as its earlier turns began
+        # Where the prompt continues the answer's current suffix (a conversation's prompt ends as earlier turns began)
+        self._next: int | None = self._continuation()
 
     def extend(self, tokens: list[int]) -> None:
         """Append the answer's tokens (looked up as the suffix, never indexed as a source), counting how many in a
