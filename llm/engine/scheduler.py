@@ -200,7 +200,7 @@ class Scheduler:
         self._running = True
         self.last_step = time.monotonic()
         self.gap_steps = 0  # consecutive steps with a gap between busy streams (see _compact)
-        self._outbox: list[tuple[Callable, tuple]] | None = None  # hand-outs held while a step is sampled
+        self._held: list[tuple[Callable, tuple]] | None = None  # hand-outs held while a step is sampled
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{model.spec.name}", daemon=True)
         self._thread.start()
 
@@ -491,7 +491,7 @@ class Scheduler:
         if not self._decode():
             return
         self.counters["steps"] += 1
-        self._outbox = []
+        self._held = []
         try:
             for slot, index, draft in rows:
                 if draft:
@@ -499,8 +499,8 @@ class Scheduler:
                 else:
                     self._sample(slot, index)
         finally:
-            outbox, self._outbox = self._outbox, None
-            for action, args in outbox:
+            held, self._held = self._held, None
+            for action, args in held:
                 action(*args)
 
     def _deliver(self, action: Callable, *args) -> None:
@@ -512,10 +512,10 @@ class Scheduler:
         loop) while llama.cpp's worker spun. Held to the end of the step, the answer threads run during the next
         ``llama_decode`` instead: the Python between two decodes went from 1.2-1.5 to 0.4 ms (median, 4
         clients, ``bench/cpu.py``)."""
-        if self._outbox is None:
+        if self._held is None:
             action(*args)
         else:
-            self._outbox.append((action, args))
+            self._held.append((action, args))
 
     def _draft(self, slot: Slot) -> list[int]:
         """Draft tokens to check in this step, never past the answer's token limit or the context window."""
