@@ -10,7 +10,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from llm.engine import GenerationRequest, JsonConstraint, SamplingParams
+from llm.engine import GenerationRequest, Handle, JsonConstraint, SamplingParams, Usage
 from llm.engine.pool import ModelPool
 from llm.engine.sampling import is_plain_greedy
 from llm.engine.scheduler import SuspendedStore, common_prefix, compacting_swaps, flash_attention, runs
@@ -24,6 +24,23 @@ def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([], [1]) == 0
     assert common_prefix([1, 2], [1, 2, 3]) == 2
+
+
+def test_a_listening_consumer_is_told_of_every_piece_and_the_end_and_takes_them_without_waiting():
+    handle = Handle()
+    handle.push("early")  # before anyone listens
+    told = []
+    handle.listen(lambda: told.append(True))
+    assert told and handle.take() == (["early"], False)
+    handle.push("a")
+    handle.push("b")
+    handle.finish("stop", Usage(completion_tokens=3))
+    assert len(told) == 4 and handle.take() == (["a", "b"], True)
+    assert handle.take() == ([], True) and handle.finish_reason == "stop"  # the end stays the end
+    failing = Handle()
+    failing.listen(lambda: None)
+    failing.fail(Overloaded())
+    assert failing.take() == ([], True) and isinstance(failing.error, Overloaded)
 
 
 def test_suspended_store_is_bounded_lru():

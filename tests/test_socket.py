@@ -275,14 +275,14 @@ def loop_thread():
     running.close()
 
 
-def outbox(loop_thread, window=64):
+def outbox(loop_thread, limit=1 << 20):
     from llm.web.api.socket import Outbox
 
-    return loop_thread.call(lambda: Outbox(loop_thread.loop, loop_thread.send, window))
+    return loop_thread.call(lambda: Outbox(loop_thread.loop, loop_thread.send, limit))
 
 
 def test_outbox_sends_every_frame_in_order_and_drain_waits_for_them(loop_thread):
-    box = outbox(loop_thread, window=8)
+    box = outbox(loop_thread)
     frames = [f"token {i}" for i in range(500)]
     answer = threading.Thread(target=lambda: [box.put(frame) for frame in frames])
     answer.start()
@@ -292,45 +292,105 @@ def test_outbox_sends_every_frame_in_order_and_drain_waits_for_them(loop_thread)
     loop_thread.call(box.close)
 
 
-def test_outbox_lets_an_answer_run_ahead_of_a_slow_reader_only_by_its_window(loop_thread):
-    box = outbox(loop_thread, window=4)
+def test_outbox_never_holds_up_an_answer_and_drops_a_reader_too_far_behind(loop_thread):
+    box = outbox(loop_thread, limit=90)
     loop_thread.open.clear()  # the client stops reading
-    for i in range(4):
-        box.put(f"token {i}")  # returns at once: the thread does not wait on the loop for each frame
-    blocked = threading.Thread(target=box.put, args=("token 4",), daemon=True)
-    blocked.start()
-    blocked.join(timeout=0.3)
-    assert blocked.is_alive()  # past the window the answer waits for its reader
+    for i in range(10):
+        box.put(f"token {i:02}")  # 8 characters each: queued at once, nothing waits on the loop
+    with pytest.raises(ConnectionError):
+        box.put("token 10 and more")  # past 90 characters not yet sent
+    with pytest.raises(ConnectionError):
+        box.put("x")  # and from then on
     loop_thread.open.set()
-    blocked.join(timeout=30)
-    assert not blocked.is_alive()
-    loop_thread.call(box.drain)
-    assert loop_thread.sent == [f"token {i}" for i in range(5)]
     loop_thread.call(box.close)
 
 
-def test_outbox_after_a_failed_send_or_a_close_every_put_raises_and_waiting_threads_are_released(loop_thread):
-    box = outbox(loop_thread, window=2)
+def test_outbox_after_a_failed_send_or_a_close_every_put_raises(loop_thread):
+    box = outbox(loop_thread)
     loop_thread.failure = OSError("the client went away")
     box.put("first")
     loop_thread.call(box.drain)
     with pytest.raises(ConnectionError):
         box.put("second")
 
-    box = outbox(loop_thread, window=1)
-    loop_thread.failure, errors = None, []
-    loop_thread.open.clear()
-    box.put("held")
+    loop_thread.failure = None
+    box = outbox(loop_thread)
+    loop_thread.call(box.close)  # the socket closed while an answer was still being written
+    with pytest.raises(ConnectionError):
+        box.put("late")
 
-    def put():
-        try:
-            box.put("waits for room")
-        except ConnectionError as error:
-            errors.append(error)
 
-    waiting = threading.Thread(target=put, daemon=True)
-    waiting.start()
-    loop_thread.call(box.close)  # the socket closed while an answer's thread waited for room
-    waiting.join(timeout=30)
-    assert not waiting.is_alive() and len(errors) == 1
-    loop_thread.open.set()
+def test_the_relay_wakes_the_loop_once_for_a_burst_of_pieces_from_many_answers(loop_thread):
+    """The scheduler hands a step's pieces out together: every answer is served, the loop woken once."""
+    from llm.web.api.socket import Relay
+
+    relay, served, wakes = Relay(loop_thread.loop), [], []
+    original = loop_thread.loop.call_soon_threadsafe
+    loop_thread.loop.call_soon_threadsafe = lambda *args: (wakes.append(args), original(*args))[1]
+    hold = threading.Event()
+    loop_thread.loop.call_soon_threadsafe(hold.wait, 30)  # the loop is busy while the burst arrives
+    consumers = [lambda n=n: served.append(n) for n in range(8)]
+    for consumer in consumers:
+        relay.notify(consumer)
+    relay.notify(consumers[0])  # told twice before the loop ran: served once
+    hold.set()
+    loop_thread.call(lambda: None)
+    assert served == list(range(8))
+    assert [args[0] for args in wakes].count(relay._run) == 1  # one wake-up for all eight
+
+
+class ScriptedTurn:
+    """What RelayedAnswer needs of an ActiveTurn, over a real Handle."""
+
+    def __init__(self, timeout: float = 30.0):
+        from llm.engine import Handle
+
+        self.handle = Handle(timeout=timeout)
+        self.text, self.observed = "", 0
+
+    def take(self):
+        pieces, done = self.handle.take()
+        self.text += "".join(pieces)
+        return pieces, done
+
+    def cancel(self):
+        self.handle.cancel()
+
+    def ended(self, error=None):
+        self.observed += 1
+        if error or self.handle.error:
+            raise error or self.handle.error
+
+
+def test_a_relayed_answer_sends_its_pieces_and_raises_a_failed_send_or_the_deadline():
+    from llm.engine import Usage
+    from llm.errors import TimedOut
+    from llm.web.api.socket import Frames, RelayedAnswer
+
+    sent = []
+    turn = ScriptedTurn()
+    relayed = RelayedAnswer(turn, Frames(sent.append, json_mode=False))
+    turn.handle.listen(relayed)  # called on the producer's thread here: the relay's loop is not needed
+    turn.handle.push("Hello")
+    turn.handle.push(" there")
+    turn.handle.finish("stop", Usage())
+    relayed.wait()
+    assert sent == ["Hello", " there"] and turn.text == "Hello there" and turn.observed == 1
+
+    def gone(text):
+        raise ConnectionError("the client went away")
+
+    turn = ScriptedTurn()
+    relayed = RelayedAnswer(turn, Frames(gone, json_mode=False))
+    turn.handle.listen(relayed)
+    turn.handle.push("lost")
+    with pytest.raises(ConnectionError):
+        relayed.wait()
+    assert turn.handle.cancelled and turn.observed == 1
+
+    turn = ScriptedTurn(timeout=0.05)  # nothing ever arrives
+    relayed = RelayedAnswer(turn, Frames(sent.append, json_mode=False))
+    turn.handle.listen(relayed)
+    with pytest.raises(TimedOut):
+        relayed.wait()
+    assert turn.handle.cancelled and turn.observed == 1

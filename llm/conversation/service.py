@@ -104,6 +104,25 @@ class ActiveTurn:
             if self.service.observer is not None:
                 self.service.observer.turn_finished(self)
 
+    def take(self) -> tuple[list[str], bool]:
+        """``pieces()`` without waiting, for a consumer that ``handle.listen``s: what has arrived, and whether the
+        answer has ended; ``ended()`` follows the end."""
+        pieces, done = self.handle.take()
+        self.text += "".join(pieces)
+        return pieces, done
+
+    def ended(self, error: BaseException | None = None) -> None:
+        """After ``take`` (or ``error``): raise what the answer failed with and tell the observer, as the end of
+        ``pieces()`` does."""
+        try:
+            error = error or self.handle.error
+            if error is not None:
+                self.error = error
+                raise error
+        finally:
+            if self.service.observer is not None:
+                self.service.observer.turn_finished(self)
+
     def finish(self) -> None:
         """Keep the exchange (a stopped answer keeps what the user saw) with the answer's figures; a regenerated
         answer joins the question it answers again."""

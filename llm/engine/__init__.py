@@ -19,7 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
@@ -142,11 +142,13 @@ class Handle:
     def __init__(self, timeout: float = 300.0):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._cancelled = threading.Event()
-        self._timeout = timeout
+        self._listener: Callable[[], None] | None = None
+        self._ended = False  # take() has seen the end
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled"
         self.usage = Usage()
         self.error: ServiceError | None = None
         self.created = time.monotonic()
+        self.deadline = self.created + timeout  # no piece or end by then: the consumer cancels (TimedOut)
         self.logprobs: list[TokenLogprob] = []  # appended by the producer before the token's text is pushed
         self.stop_sequence: str | None = None  # the stop string that ended the answer, when one did
 
@@ -154,14 +156,22 @@ class Handle:
     def push(self, text: str) -> None:
         if text:
             self._queue.put(text)
+            self._tell()
 
     def finish(self, reason: str, usage: Usage) -> None:
         self.finish_reason, self.usage = reason, usage
         self._queue.put(_DONE)
+        self._tell()
 
     def fail(self, error: ServiceError) -> None:
         self.error = error
         self._queue.put(_DONE)
+        self._tell()
+
+    def _tell(self) -> None:
+        listener = self._listener
+        if listener is not None:
+            listener()
 
     @property
     def cancelled(self) -> bool:
@@ -172,14 +182,39 @@ class Handle:
         """Stop at the next scheduler step; the iterator then ends with finish_reason 'cancelled'."""
         self._cancelled.set()
 
+    def listen(self, listener: Callable[[], None]) -> None:
+        """Have ``listener`` called whenever a piece or the end arrives, to read them with ``take`` instead of
+        iterating: a consumer on an event loop then needs no thread of its own. It is called on the producer's
+        thread (the scheduler's), so it must be quick and never block; and once right away, for what came before."""
+        self._listener = listener
+        listener()
+
+    def take(self) -> tuple[list[str], bool]:
+        """The pieces that have arrived, without waiting, and whether the answer has ended (then ``error`` says
+        whether it failed)."""
+        pieces: list[str] = []
+        while not self._ended:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _DONE:
+                self._ended = True
+            else:
+                pieces.append(item)
+        return pieces, self._ended
+
+    def timed_out(self) -> TimedOut:
+        """Cancel at the deadline; the error to raise."""
+        self.cancel()
+        return TimedOut("The answer took too long and was cancelled; the service may be busy.")
+
     def __iter__(self) -> Iterator[str]:
-        deadline = self.created + self._timeout
         while True:
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                item = self._queue.get(timeout=max(0.0, self.deadline - time.monotonic()))
             except queue.Empty:
-                self.cancel()
-                raise TimedOut("The answer took too long and was cancelled; the service may be busy.") from None
+                raise self.timed_out() from None
             if item is _DONE:
                 if self.error is not None:
                     raise self.error

@@ -12,9 +12,10 @@ conversation; ``|STOP|`` stops the answer in progress. ``|REGENERATE|`` answers 
 tree, see ``llm.conversation.store``).
 
 Served natively on the ASGI server (``llm.web.server``): frames are read by a coroutine, so an idle socket holds no
-thread and ``|STOP|`` or a disconnect reach the engine at its next step; an answer runs in a thread of a bounded
-pool. The handshake runs the Flask app's own before-request hooks (authentication, allowed hosts and origins,
-the rate limit), so a websocket is admitted by exactly the rules HTTP requests are.
+thread and ``|STOP|`` or a disconnect reach the engine at its next step; an answer is prepared and recorded in a
+thread of a bounded pool, and its tokens are sent from the event loop as the engine hands them out (``Relay``).
+The handshake runs the Flask app's own before-request hooks (authentication, allowed hosts and origins, the rate
+limit), so a websocket is admitted by exactly the rules HTTP requests are.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import re
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qs
@@ -46,38 +48,43 @@ EDIT = re.compile(r"^\|EDIT\|(?P<id>\d{1,18})\|/EDIT\|", re.DOTALL)
 ROUTE = re.compile(r"^/gpt-socket/(?P<personality>[^/]+)$")
 
 
+MAX_UNSENT_BYTES = 4 << 20  # a reader this far behind (~40,000 token frames) is dropped
+
+
 class Outbox:
-    """One websocket's outgoing text frames: queued by answer threads, sent in order by one task on the loop.
+    """One websocket's outgoing text frames, queued from any thread (or the loop) and sent in order by one task.
 
     An answer's thread used to wait on the event loop for every token it sent (``run_coroutine_threadsafe``):
     two thread wake-ups, a task and a cross-thread future per frame, Python that runs while ``llama_decode``
-    keeps the cores busy and so slows every answer. Now the thread queues the frame and goes back to the engine,
-    and the writer task sends what is queued, woken only when it had gone idle. A slow reader still holds up
-    only its own answer: past ``window`` frames not yet sent, ``put`` waits. Once a send fails (the client went
-    away) or the socket closes, every later ``put`` raises, as a direct send did. ``drain`` waits until what was
-    queued before it is sent: close frames, sent by the loop itself, follow it."""
+    keeps the cores busy and so slows every answer. ``put`` never waits (so no thread waits on the loop while
+    holding a lock the loop may need, see ``Relay``); a reader more than ``MAX_UNSENT_BYTES`` behind is failed.
+    Once a send fails (the client went away) or the socket closes, every later ``put`` raises, as a direct send
+    did. ``drain`` waits until what was queued before it is sent: close frames, sent by the loop itself, follow
+    it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, send, window: int = 64):
-        self._loop, self._send, self._window = loop, send, window
+    def __init__(self, loop: asyncio.AbstractEventLoop, send, limit: int = MAX_UNSENT_BYTES):
+        self._loop, self._send, self._limit = loop, send, limit
         self._items: deque[str | asyncio.Future] = deque()  # frames, and the futures of drain() calls
+        self._unsent = 0  # characters queued and not yet sent
+        self._thread = threading.get_ident()  # the loop's (an outbox is made on it)
         self._lock = threading.Lock()
-        self._room = threading.Semaphore(window)
         self._writing = False  # the writer is sending, or has been woken to: no need to wake it
         self._wake = asyncio.Event()
         self.error: BaseException | None = None
         self.task = loop.create_task(self._write())
 
     def put(self, text: str) -> None:
-        """Queue a frame (from an answer's thread); raises once the socket is gone."""
-        self._room.acquire()
+        """Queue a frame; raises once the socket is gone or its reader is too far behind."""
         with self._lock:
+            if self.error is None and self._unsent + len(text) > self._limit:
+                self.error = ConnectionError(f"The client read too slowly ({self._unsent} characters unsent).")
             if self.error is not None:
-                self._room.release()
                 raise ConnectionError("The websocket is closed.") from self.error
             self._items.append(text)
+            self._unsent += len(text)
             wake, self._writing = not self._writing, True
         if wake:
-            self._loop.call_soon_threadsafe(self._wake.set)
+            self._wake_writer()
 
     async def drain(self) -> None:
         """Until every frame queued so far has been sent (or the socket has failed)."""
@@ -92,15 +99,23 @@ class Outbox:
         await done
 
     def close(self, error: BaseException | None = None) -> None:
-        """No more frames (on the loop): queued ones are dropped, waiting threads and drains released."""
+        """No more frames (on the loop): queued ones are dropped, drains released."""
         with self._lock:
             self.error = self.error or error or ConnectionError("The websocket closed.")
             items, self._items, self._writing = list(self._items), deque(), False
         for item in items:
             if isinstance(item, asyncio.Future) and not item.done():
                 item.set_result(None)
-        self._room.release(self._window)  # a thread waiting for room wakes, sees the error and raises
         self.task.cancel()
+
+    def _wake_writer(self) -> None:
+        try:
+            if threading.get_ident() == self._thread:
+                self._wake.set()
+            else:
+                self._loop.call_soon_threadsafe(self._wake.set)
+        except RuntimeError:  # the loop has closed: the server is stopping
+            pass
 
     async def _write(self) -> None:
         while True:
@@ -120,7 +135,76 @@ class Outbox:
                 except Exception as exc:  # noqa: BLE001 - the client went away: later puts raise this
                     self.close(exc)
                     return
-                self._room.release()
+                with self._lock:
+                    self._unsent -= len(item)
+
+
+class Relay:
+    """Hands answers' pieces from the engine's thread to the event loop: one wake-up of the loop per burst for
+    every socket, instead of a thread woken per token.
+
+    The scheduler hands a step's pieces out together; each answer's ``notify`` marks it ready and only the first
+    of the burst wakes the loop, which then sends every ready answer's pieces. Its answer thread sleeps until the
+    end (``RelayedAnswer``): per token, no thread wakes at all."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._ready: dict[Callable[[], None], None] = {}  # insertion-ordered set
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def notify(self, consumer: Callable[[], None]) -> None:
+        """From any thread (the scheduler's): quick, never blocks."""
+        with self._lock:
+            self._ready[consumer] = None
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._run)
+        except RuntimeError:  # the loop has closed (the server is stopping): the consumers run here
+            self._run()
+
+    def _run(self) -> None:
+        with self._lock:
+            ready, self._ready, self._scheduled = list(self._ready), {}, False
+        for consumer in ready:
+            consumer()
+
+
+class RelayedAnswer:
+    """One answer's pieces, sent as frames from the event loop while its thread waits for the end."""
+
+    def __init__(self, turn, frames: Frames):
+        self.turn, self.frames = turn, frames
+        self.done = threading.Event()
+        self.failure: BaseException | None = None  # a send that failed (the client went away)
+
+    def __call__(self) -> None:
+        if self.done.is_set():
+            return
+        try:
+            pieces, done = self.turn.take()
+            for piece in pieces:
+                self.frames.send("token", piece)
+        except Exception as exc:  # noqa: BLE001 - raised on the answer's thread
+            self.failure, done = exc, True
+        if done:
+            self.done.set()
+
+    def wait(self) -> None:
+        """Until the answer ended (its error raised, as iterating ``pieces()`` would) or a send failed."""
+        turn = self.turn
+        if not self.done.wait(timeout=max(0.0, turn.handle.deadline - time.monotonic())):
+            turn.ended(turn.handle.timed_out())
+        if self.failure is not None:
+            turn.cancel()
+            try:
+                turn.ended()
+            except Exception:  # noqa: BLE001 - the failed send is what ended this answer
+                pass
+            raise self.failure
+        turn.ended()
 
 
 class Frames:
@@ -158,8 +242,10 @@ class SocketSession:
     closing socket detaches instead of cancelling, see ``llm.web.api.answers``)."""
 
     def __init__(self, llm: Any, send_text, personality: str, json_mode: bool, user: str, charge=None,
-                 end_with_session: bool = False, answers: Answers | None = None, owner: str = ""):
+                 end_with_session: bool = False, answers: Answers | None = None, owner: str = "", *,
+                 relay: Relay):
         self.llm, self.personality, self.user = llm, personality, user
+        self.relay = relay  # an answer's pieces go out from the event loop
         self.frames = Frames(send_text, json_mode, end_with_session)
         self.charge = charge or (lambda: None)  # the user's rate budget, one unit per prompt
         self.answers = answers if json_mode else None
@@ -279,8 +365,9 @@ class SocketSession:
                 turn.cancel()
             for source in turn.sources:  # notices already went out as status frames while preparing
                 frames.send("source", **source)
-            for piece in turn.pieces():
-                frames.send("token", piece)
+            relayed = RelayedAnswer(turn, frames)
+            turn.handle.listen(lambda: self.relay.notify(relayed))
+            relayed.wait()
         finally:
             turn.cancel()
         turn.finish()
@@ -301,6 +388,14 @@ class SocketRegistry:
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ws-answer")
         self.answers = answers
         self._running: set[asyncio.Task] = set()  # answers whose socket closed (asyncio keeps tasks weakly)
+        self._relays: dict[asyncio.AbstractEventLoop, Relay] = {}
+
+    def relay(self, loop: asyncio.AbstractEventLoop) -> Relay:
+        """The loop's relay (one for all its sockets, so one wake-up serves a whole step)."""
+        with self._lock:
+            if loop not in self._relays:
+                self._relays[loop] = Relay(loop)
+            return self._relays[loop]
 
     def keep(self, task: asyncio.Task) -> None:
         self._running.add(task)
@@ -397,7 +492,7 @@ async def _converse(llm, registry, scope, receive, send, user, charge, personali
     owner = user if user != ANONYMOUS else f"addr:{_address(scope)}"  # who may resume (not the address alone:
     # a phone that changes network keeps its cookie identity)
     session = SocketSession(llm, outbox.put, personality, "json" in flags, user, charge, end_with_session,
-                            registry.answers, owner)
+                            registry.answers, owner, relay=registry.relay(loop))
     if await loop.run_in_executor(registry.executor, session.refuse_unknown_personality):
         await outbox.drain()
         await send({"type": "websocket.close", "code": 1000})
