@@ -48,7 +48,7 @@ EDIT = re.compile(r"^\|EDIT\|(?P<id>\d{1,18})\|/EDIT\|", re.DOTALL)
 ROUTE = re.compile(r"^/gpt-socket/(?P<personality>[^/]+)$")
 
 
-MAX_UNSENT_BYTES = 4 << 20  # a reader this far behind (~40,000 token frames) is dropped
+MAX_UNSENT = 4 << 20  # characters: a reader this far behind (~40,000 token frames) is dropped
 
 
 class Outbox:
@@ -57,12 +57,12 @@ class Outbox:
     An answer's thread used to wait on the event loop for every token it sent (``run_coroutine_threadsafe``):
     two thread wake-ups, a task and a cross-thread future per frame, Python that runs while ``llama_decode``
     keeps the cores busy and so slows every answer. ``put`` never waits (so no thread waits on the loop while
-    holding a lock the loop may need, see ``Relay``); a reader more than ``MAX_UNSENT_BYTES`` behind is failed.
+    holding a lock the loop may need, see ``Relay``); a reader more than ``MAX_UNSENT`` behind is failed.
     Once a send fails (the client went away) or the socket closes, every later ``put`` raises, as a direct send
     did. ``drain`` waits until what was queued before it is sent: close frames, sent by the loop itself, follow
     it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, send, limit: int = MAX_UNSENT_BYTES):
+    def __init__(self, loop: asyncio.AbstractEventLoop, send, limit: int = MAX_UNSENT):
         self._loop, self._send, self._limit = loop, send, limit
         self._items: deque[str | asyncio.Future] = deque()  # frames, and the futures of drain() calls
         self._unsent = 0  # characters queued and not yet sent
