@@ -29,8 +29,13 @@ def busy_seconds() -> float:
 
 def process_seconds(pid: int) -> float:
     """CPU seconds one process (all its threads) has used; 0 once it is gone."""
+    return stat_seconds(f"/proc/{pid}/stat")
+
+
+def stat_seconds(path: str) -> float:
+    """CPU seconds (user + system) from a process's or a thread's ``stat`` file; 0 once it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+        with open(path, encoding="ascii") as handle:
             fields = handle.read().rpartition(")")[2].split()
     except OSError:
         return 0.0

@@ -31,24 +31,16 @@ from collections import defaultdict
 from pathlib import Path
 
 from _clients import ask_ours, run_together
+from _quiet import stat_seconds
 from _servers import write_personality
 from run import CONCURRENT_FROM, SYSTEM, prompts
 
 from llm.settings import physical_cores
 
-TICK = os.sysconf("SC_CLK_TCK")
-
 
 def thread_times() -> dict[int, float]:
     """CPU seconds (user + system) of every thread of this process, by native id."""
-    times = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended meanwhile
-            continue
-        times[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK
-    return times
+    return {int(tid): stat_seconds(f"/proc/self/task/{tid}/stat") for tid in os.listdir("/proc/self/task")}
 
 
 def group(name: str) -> str:
