@@ -11,6 +11,7 @@ import llama_cpp
 import pytest
 
 from llm.engine import GenerationRequest, Handle, JsonConstraint, SamplingParams, Usage
+from llm.engine.pacing import StepCost
 from llm.engine.pool import ModelPool
 from llm.engine.sampling import is_plain_greedy
 from llm.engine.scheduler import SuspendedStore, common_prefix, compacting_swaps, flash_attention, runs
@@ -300,6 +301,40 @@ def test_a_stream_moves_into_the_gap_a_finished_answer_leaves_and_its_answer_is_
         assert [first.text(), third.text()] == alone
         list(middle)
         assert pool.stats()["models"][embedded.name]["moves"] > before
+    finally:
+        pool.close()
+
+
+@pytest.mark.integration
+def test_on_a_cpu_prompts_that_arrive_together_get_their_first_tokens_one_step_apart_oldest_first(embedded):
+    """With a CPU's step cost (each token's compute dwarfs a pass), three prompts queued at once are prefilled one
+    per step in the order they came, and the stream already generating waits for them (within its budget), instead
+    of one step for all four that would give each prompt its first token when the last is done. Nothing else
+    changes: the generating stream's answer is the one it gives alone (a copying prompt: no near-tie)."""
+    pool = make_pool(LLM_PARALLEL=4)
+    try:
+        copy = [{"role": "user", "content": f"Repeat this passage exactly, word for word:\n\n{PASSAGE}"}]
+        params = SamplingParams(temperature=0, max_tokens=40, speculative=False)
+        alone = pool.submit(GenerationRequest(embedded, copy, params)).text()
+        scheduler = pool._worker(embedded).scheduler
+        scheduler.cost = StepCost(fixed=0.002, per_token=0.005)
+        events: list[tuple[str, int]] = []  # (whose hand-out, in which step), in the order they were handed out
+
+        def watch(name: str, handle: Handle) -> Handle:
+            # Called once at once, then on the scheduler's thread for each hand-out (its step counted already).
+            handle.listen(lambda: events.append((name, scheduler.counters["steps"])))
+            return handle
+
+        long = watch("long", pool.submit(GenerationRequest(embedded, copy, params)))
+        deadline = time.monotonic() + 120
+        while len(events) < 3 and time.monotonic() < deadline:  # generating: two tokens handed out
+            time.sleep(0.01)
+        with scheduler._cond:  # hold the scheduler between two steps: all three are waiting at its next one
+            quick = [watch(f"p{n}", ask(pool, embedded, f"Name a colour, number {n}.", tokens=4)) for n in range(3)]
+        assert all(handle.text() for handle in quick) and long.text() == alone
+        firsts = [[step for name, step in events if name == f"p{n}"][1] for n in range(3)]
+        assert firsts[0] < firsts[1] < firsts[2]
+        assert not [step for name, step in events if name == "long" and firsts[0] <= step <= firsts[2]]
     finally:
         pool.close()
 

@@ -35,6 +35,7 @@ from llm.engine import Handle, SamplingParams, Usage
 from llm.engine.drafts import PromptLookup
 from llm.engine.memory import describe, free_memory, plan_cache
 from llm.engine.model import LoadedModel
+from llm.engine.pacing import StepCost, plan_step
 from llm.engine.sampling import TextStream, build_sampler, is_plain_greedy, token_logprob
 from llm.errors import GenerationFailed, Overloaded, ServiceError
 from llm.settings import Settings
@@ -200,6 +201,8 @@ class Scheduler:
         self._running = True
         self.last_step = time.monotonic()
         self.gap_steps = 0  # consecutive steps with a gap between busy streams (see _compact)
+        self.cost = StepCost()  # what a decode step costs, learnt from every step (see llm.engine.pacing)
+        self.stalled = 0  # prompt tokens decoded since the generating streams' last token
         self._held: list[tuple[Callable, tuple]] | None = None  # hand-outs held while a step is sampled
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{model.spec.name}", daemon=True)
         self._thread.start()
@@ -262,6 +265,7 @@ class Scheduler:
             "suspended_conversations": len(self.suspended),
             "cache_tokens_used": self._cells_used(),
             "cache_tokens": self.cache_tokens,
+            **self.cost.as_stats(),
             **self.counters,
         }
 
@@ -464,32 +468,37 @@ class Scheduler:
         self.counters["prompt_tokens"] += len(job.prompt)
 
     def _step(self) -> None:
-        """Fill one batch, decode it, sample every sequence that produced logits."""
+        """Fill one batch as ``plan_step`` says (llm.engine.pacing), decode it, sample every sequence that produced
+        logits."""
         self._compact()
         active = self._active()
         if not active:
             return
-        generating = any(slot.job.next_token is not None for slot in active)
-        batch, rows, budget = self.batch, [], self.batch_tokens if generating else self.solo_tokens
+        generating = [slot for slot in active if slot.job.next_token is not None]
+        prompts = sorted((slot for slot in active if slot.job.next_token is None and slot.job.pending),
+                         key=lambda slot: slot.job.submitted)
+        plan = plan_step(len(generating), [len(slot.job.pending) for slot in prompts], self.stalled,
+                         self.batch_tokens if generating else self.solo_tokens, self.cost)
+        batch, rows = self.batch, []
         batch.n_tokens = 0
-        for slot in active:  # every generating sequence advances by one token, and by its draft if it has one
+        for slot in generating if plan.decode else ():  # one token each, and a draft where there is one
             job = slot.job
-            if job.next_token is not None:
-                draft = self._draft(slot)
-                last = self._add(slot, [job.next_token, *draft], logits=True, every=True)
-                rows.append((slot, last - len(draft), draft))
-        for slot in active:  # then prompt chunks, within the step's token budget
+            draft = self._draft(slot)
+            last = self._add(slot, [job.next_token, *draft], logits=True, every=True)
+            rows.append((slot, last - len(draft), draft))
+        # Prompt chunks in sequence order (llama.cpp passes over consecutive ids together), whichever came first.
+        for index, tokens in sorted(plan.chunks, key=lambda chunk: prompts[chunk[0]].seq_id):
+            slot = prompts[index]
             job = slot.job
-            if job.next_token is None and job.pending and budget > 0:
-                chunk, job.pending = job.pending[:budget], job.pending[budget:]
-                budget -= len(chunk)
-                index = self._add(slot, chunk, logits=not job.pending)
-                if not job.pending:
-                    rows.append((slot, index, []))
+            chunk, job.pending = job.pending[:tokens], job.pending[tokens:]
+            last = self._add(slot, chunk, logits=not job.pending)
+            if not job.pending:
+                rows.append((slot, last, []))
         if batch.n_tokens == 0:
             return
         if not self._decode():
             return
+        self.stalled = self.stalled + plan.prompt_tokens if generating and not plan.decode else 0
         self.counters["steps"] += 1
         self._held = []
         try:
@@ -562,9 +571,12 @@ class Scheduler:
         return batch.n_tokens - 1
 
     def _decode(self) -> bool:
-        """One llama_decode; if it fails, undo the batch and fail the newest job rather than everyone."""
+        """One llama_decode, timed for the cost model; if it fails, undo the batch and fail the newest job rather
+        than everyone."""
+        started = time.perf_counter()
         result = llama_cpp.llama_decode(self.ctx, self.batch)
         if result == 0:
+            self.cost.observe(self.batch.n_tokens, time.perf_counter() - started)
             return True
         self._rollback_batch()
         newest = max(self._active(), key=lambda slot: slot.job.submitted)

@@ -50,6 +50,8 @@ ENGINE_FIGURES = (
     ("drafted_tokens", "Speculative draft tokens checked (prompt lookup).", True),
     ("accepted_draft_tokens", "Speculative draft tokens kept: each one a decode step saved.", True),
     ("moves", "Streams exchanged to keep busy sequence ids consecutive (one decode pass per run of ids).", True),
+    ("step_fixed_seconds", "What a decode step costs whatever it carries, fitted to recent steps (pacing).", False),
+    ("step_token_seconds", "What each token adds to a decode step, fitted to recent steps (pacing).", False),
 )
 
 
