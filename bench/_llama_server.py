@@ -28,7 +28,11 @@ CACHE = Path(os.environ.get("LLM_MODEL_CACHE_DIR", "~/.cache/llm-service")).expa
 
 
 def llama_server_binary() -> Path:
-    """The built ``llama-server`` for the installed llama-cpp-python version and back-end (built when missing)."""
+    """The built ``llama-server`` for the installed llama-cpp-python version and back-end (built when missing), or
+    the one ``LLM_BENCH_LLAMA_SERVER`` names (``bench/device.sh`` builds it beside the libraries it serves with)."""
+    prebuilt = os.environ.get("LLM_BENCH_LLAMA_SERVER")
+    if prebuilt:
+        return Path(prebuilt)
     version = importlib.metadata.version("llama-cpp-python")
     backend = "cuda" if llama_cpp.llama_supports_gpu_offload() else "cpu"
     home = CACHE / f"llama-server-{version}-{backend}"

@@ -1,8 +1,9 @@
 """The continuous-batching scheduler: one thread owns one llama context and decodes every sequence together.
 
-Each step builds one batch holding the next token of every generating sequence plus a bounded chunk of
-prompt tokens for sequences still prefilling, and makes one ``llama_decode`` call; then each sequence samples
-with its own chain. Requests join and leave between steps, so nobody waits for another user's answer to end.
+Each step builds one batch of the next token of the generating sequences and bounded chunks of prompt tokens
+for sequences still prefilling, as ``llm.engine.pacing`` plans it from what a step costs on this machine, and
+makes one ``llama_decode`` call; then each sequence samples with its own chain. Requests join and leave between
+steps, so nobody waits for another user's answer to end.
 
 Each of the ``LLM_PARALLEL`` sequences has its own KV stream of a full context window. A unified cache (one
 pool of cells shared by all sequences) was measured here first: every token attends over the whole used
