@@ -306,6 +306,9 @@ def server_rows(results: dict, args: argparse.Namespace) -> list[Row]:
     ours, theirs = last / first, their_last / their_first
     rows.append(Row(f"first token turn {args.turns} / turn 1 (vs llama-server's)", f"{ours:.2f}", f"{theirs:.2f}",
                     f"{ours / theirs:.2f}x", "<= 1.0x", ours / theirs <= 1.0))
+    # The ratio above also moves with turn 1 (a faster turn 1 raises it): what a user waits for at turn 10 is this.
+    rows.append(Row(f"first token at turn {args.turns}, s (vs llama-server)", fmt(last), fmt(their_last),
+                    f"{last / their_last:.2f}x", "<= 1.0x", last / their_last <= 1.0))
     mine, its, length = results["long"]
     rows.append(Row(f"first token of a new {length}-token prompt, s (vs llama-server)", fmt(mine), fmt(its),
                     f"{mine / its:.2f}x", "<= 1.0x", mine / its <= 1.0))
