@@ -23,7 +23,7 @@ cp -r "$src/llama_cpp" "$out/python/"
 # CPU and CUDA back-ends only (the tools' CMake files name every tool's folder, so all of them go).
 tar czf "$out/llama.cpp.tar.gz" -C "$src/vendor/llama.cpp" \
   --exclude='ggml/src/ggml-'{vulkan,sycl,metal,opencl,cann,musa,hip,kompute,webgpu,zdnn,rpc,blas,hexagon,zendnn,openvino} \
-  --exclude='tools/server/tests' CMakeLists.txt cmake common ggml include src vendor licenses gguf-py tools app
+  --exclude='tools/server/tests' CMakeLists.txt cmake common ggml include src vendor licenses gguf-py tools app scripts
 
 # Packages missing from the machine's image (KINDS.md lists what it has), for CPython 3.12 on x86-64 Linux.
 packages=(flask itsdangerous blinker google-re2 regress uvicorn websockets a2wsgi jsonschema referencing
