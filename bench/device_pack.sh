@@ -30,16 +30,15 @@ packages=(flask itsdangerous blinker google-re2 regress uvicorn websockets a2wsg
   jsonschema-specifications rpds-py beautifulsoup4 soupsieve feedparser llguidance wordllama pypdf python-docx
   sqlean.py sqlite-vec psycopg psycopg-binary diskcache websocket-client gguf fastapi starlette pydantic
   pydantic-core pydantic-settings python-dotenv sse-starlette starlette-context annotated-types typing-inspection)
-for package in "${packages[@]}"; do
-  installed="$($python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$package" 2>/dev/null || true)"
-  spec="$package${installed:+==$installed}"
+wheel() {  # one package's wheel for the machine (--no-deps: every one it needs is in the list)
   $python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform any -d "$out/wheels" "$spec" 2>/dev/null \
-  || $python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform any -d "$out/wheels" "$package" 2>/dev/null \
-  || $python -m pip wheel --quiet --no-deps -w "$out/wheels" "$spec"  # pure-Python sdists (sgmllib3k)
+    --platform any -d "$out/wheels" "$1"
+}
+for package in "${packages[@]}"; do  # the version installed here where there is a wheel of it, else the newest
+  installed="$($python -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$package" \
+    2>/dev/null || true)"
+  wheel "$package${installed:+==$installed}" 2>/dev/null || wheel "$package"
 done
 $python -m pip wheel --quiet --no-deps -w "$out/wheels" sgmllib3k  # feedparser's, published as an sdist only
 
