@@ -3,14 +3,14 @@
 A step of n tokens costs about ``a + b*n``: ``a`` is what every pass pays whatever it carries (reading the weights,
 launching kernels), ``b`` each token's own compute. On a GPU ``a`` dominates until hundreds of tokens, so putting
 several prompts and every generating stream into one step costs hardly more than one of them. On a CPU ``b``
-dominates from the first token (the embedded model on 2 cores: ``a`` about 2 ms, ``b`` 4-6 ms), and then a step
-that prefills four prompts together gives all four their first token when the last of them is done; one prompt
-per step gives the first its token after one prefill, the second after two, and the last no later. So the plan
-follows one rule everywhere: work joins a step when the delay it adds to the prompts already in it (their count
-times ``b`` times its tokens) is less than what a step of its own would add to the prompts it holds up (``a`` for
-each). Prompts are served oldest
-first, and the generating streams never go more than ``LLM_BATCH_TOKENS`` prefilled tokens without a token of
-their own (the same bound as a chunk beside them had before).
+dominates as soon as a step holds a prompt (the embedded model on 2 cores, fitted: ``a`` about 9 ms, ``b`` about
+4.4 ms), and then a step that prefills four prompts together gives all four their first token when the last of
+them is done; one prompt per step gives the first its token after one prefill, the second after two, and the last
+only the extra passes later. So the plan follows one rule everywhere: work joins a step when the delay it adds to the
+prompts already in it (their count times ``b`` times its tokens) is less than what a step of its own would add to
+the prompts it holds up (``a`` for each). Prompts are served oldest first, and the generating streams never go more
+than ``LLM_BATCH_TOKENS`` prefilled tokens without a token of their own (the same bound as a chunk beside them had
+before).
 """
 
 from __future__ import annotations
