@@ -577,6 +577,8 @@ class Scheduler:
         started = time.perf_counter()
         result = llama_cpp.llama_decode(self.ctx, self.batch)
         if result == 0:
+            # A GPU may still be computing (llama_decode only queues it there); sampling waits for it anyway.
+            llama_cpp.llama_synchronize(self.ctx)
             self.cost.observe(self.batch.n_tokens, time.perf_counter() - started)
             return True
         self._rollback_batch()
