@@ -22,7 +22,9 @@ from tests.conftest import TEST_PERSONALITIES, LiveServer
 POOL_STATS = {"loading": [], "load_errors": {}, "models": {"gemma.gguf": {
     "queue_depth": 3, "active_sequences": 5, "cached_conversations": 2, "suspended_conversations": 1,
     "cache_tokens_used": 900, "cache_tokens": 8192, "cache_hit_tokens": 1200, "prompt_tokens": 4000,
-    "evictions": 7, "suspends": 4, "restores": 2, "steps": 321, "last_step_age": 0.01}}}
+    "evictions": 7, "suspends": 4, "restores": 2, "steps": 321, "last_step_age": 0.01,
+    "step_fixed_seconds": 0.009, "step_token_seconds": 0.0044},
+    "unfitted.gguf": {"steps": 1, "step_fixed_seconds": None, "step_token_seconds": None}}}
 
 
 class BusyEngine(FakeEngine):
@@ -155,6 +157,9 @@ def test_engine_figures_are_read_at_scrape_time(build_with):
     assert value(samples, "llm_engine_suspends_total", **model) == 4
     assert value(samples, "llm_engine_restores_total", **model) == 2
     assert value(samples, "llm_engine_cache_tokens_used", **model) == 900
+    assert value(samples, "llm_engine_step_fixed_seconds", **model) == 0.009
+    assert value(samples, "llm_engine_step_token_seconds", **model) == 0.0044
+    assert ("llm_engine_step_fixed_seconds", (("model", "unfitted.gguf"),)) not in samples  # no fit yet: no sample
 
 
 def test_a_failing_engine_does_not_break_the_scrape(build_with, caplog):
