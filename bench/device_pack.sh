@@ -26,10 +26,11 @@ tar czf "$out/llama.cpp.tar.gz" -C "$src/vendor/llama.cpp" \
   --exclude='tools/server/tests' CMakeLists.txt cmake common ggml include src vendor licenses gguf-py tools app scripts
 
 # Packages missing from the machine's image (KINDS.md lists what it has), for CPython 3.12 on x86-64 Linux.
-packages=(flask itsdangerous blinker google-re2 regress uvicorn websockets a2wsgi jsonschema referencing
-  jsonschema-specifications rpds-py beautifulsoup4 soupsieve feedparser llguidance wordllama pypdf python-docx
-  sqlean.py sqlite-vec psycopg psycopg-binary diskcache websocket-client gguf fastapi starlette pydantic
-  pydantic-core pydantic-settings python-dotenv sse-starlette starlette-context annotated-types typing-inspection)
+packages=(flask itsdangerous blinker flask-cors limits deprecated google-re2 regress uvicorn websockets a2wsgi
+  jsonschema referencing jsonschema-specifications rpds-py beautifulsoup4 soupsieve feedparser feedparser-sgmllib
+  llguidance wordllama toml pypdf python-docx sqlean.py sqlite-vec psycopg psycopg-binary psycopg-pool diskcache
+  websocket-client gguf fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv sse-starlette
+  starlette-context annotated-types typing-inspection opentelemetry-api)
 wheel() {  # one package's wheel for the machine (--no-deps: every one it needs is in the list)
   $python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -40,7 +41,6 @@ for package in "${packages[@]}"; do  # the version installed here where there is
     2>/dev/null || true)"
   wheel "$package${installed:+==$installed}" 2>/dev/null || wheel "$package"
 done
-$python -m pip wheel --quiet --no-deps -w "$out/wheels" sgmllib3k  # feedparser's, published as an sdist only
 
 $python bench/random_gguf.py "$out/vocab.gguf" --vocab-only
 du -sh "$out" "$out"/* | sed 's/^/device_pack: /'
