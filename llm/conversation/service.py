@@ -101,8 +101,7 @@ class ActiveTurn:
             self.error = exc
             raise
         finally:
-            if self.service.observer is not None:
-                self.service.observer.turn_finished(self)
+            self._tell_observer()
 
     def take(self) -> tuple[list[str], bool]:
         """``pieces()`` without waiting, for a consumer that ``handle.listen``s: what has arrived, and whether the
@@ -120,8 +119,12 @@ class ActiveTurn:
                 self.error = error
                 raise error
         finally:
-            if self.service.observer is not None:
-                self.service.observer.turn_finished(self)
+            self._tell_observer()
+
+    def _tell_observer(self) -> None:
+        """The turn has ended (however it ended): the service's observer, if any, hears of it."""
+        if self.service.observer is not None:
+            self.service.observer.turn_finished(self)
 
     def finish(self) -> None:
         """Keep the exchange (a stopped answer keeps what the user saw) with the answer's figures; a regenerated
