@@ -11,6 +11,7 @@ import llama_cpp
 import pytest
 
 from llm.engine import GenerationRequest, Handle, JsonConstraint, SamplingParams, Usage
+from llm.engine.model import LoadedModel
 from llm.engine.pacing import StepCost
 from llm.engine.pool import ModelPool
 from llm.engine.sampling import is_plain_greedy
@@ -104,6 +105,27 @@ def ask(pool: ModelPool, spec: ModelSpec, text: str, conversation: str | None = 
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": text}]
     return pool.submit(GenerationRequest(spec, messages, SamplingParams(temperature=0, max_tokens=tokens),
                                          conversation=conversation))
+
+
+@pytest.mark.integration
+def test_the_models_remembered_token_bytes_and_end_tokens_are_llama_cpps(embedded):
+    model = LoadedModel(embedded, load_settings({}, {"LLM_CPU_THREADS": 2}))
+    try:
+        buffer = llama_cpp.ctypes.create_string_buffer(256)
+
+        def llama_piece(token: int) -> bytes:
+            size = llama_cpp.llama_token_to_piece(model.vocab, token, buffer, len(buffer), 0, False)
+            return buffer.raw[:size]
+
+        for _ in range(2):  # looked up, then remembered
+            assert [model.piece(token) for token in range(model.n_vocab)] == [
+                llama_piece(token) for token in range(model.n_vocab)]
+        assert model.piece(model.end_tokens[0], special=True) != model.piece(model.end_tokens[0])
+        assert [model.is_eog(token) for token in range(model.n_vocab)] == [
+            bool(llama_cpp.llama_vocab_is_eog(model.vocab, token)) for token in range(model.n_vocab)]
+        assert any(model.is_eog(token) for token in range(model.n_vocab))
+    finally:
+        model.close()
 
 
 @pytest.mark.integration

@@ -191,6 +191,7 @@ class Scheduler:
         self.ctx = self._new_context(settings)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._logits_row = ctypes.c_float * self.model.n_vocab  # one row of logits, viewed in place (_sample)
         self.slots = [Slot(seq_id) for seq_id in range(self.parallel)]
         self.suspended = SuspendedStore(settings.suspend_mb * 1024 * 1024)
         self.counters = {"cache_hit_tokens": 0, "prompt_tokens": 0, "evictions": 0, "suspends": 0,
@@ -609,7 +610,8 @@ class Scheduler:
         job, model = slot.job, self.model
         wants_logprobs = job.sampling.logprobs is not None
         if job.constraint is not None or wants_logprobs or job.sampler is None:
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(model.n_vocab,))
+            row = llama_cpp.llama_get_logits_ith(self.ctx, index).contents  # viewed in place: as_array costs 4x
+            logits = np.frombuffer(self._logits_row.from_address(ctypes.addressof(row)), np.float32)
         if job.constraint is not None:
             try:
                 job.constraint.mask_logits(logits)
