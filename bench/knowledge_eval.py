@@ -214,7 +214,7 @@ def answers(work: Path, files: list[tuple[str, bytes]]) -> dict[str, float]:
     (personalities / "eval.toml").write_text(PERSONALITY)
     planned = PERSONALITY.replace('name = "eval"', 'name = "eval-planned"')
     (personalities / "eval-planned.toml").write_text(planned.replace("[sampling]", 'grounding = "model"\n\n[sampling]'))
-    model = embedded_model_path(Path(load_settings({}).model_cache_dir).expanduser())
+    model = embedded_model_path()
     keys = {"LLM_API_KEYS": "reader:key-reader,stranger:key-stranger", "LLM_DATA_DIR": str(work / "data"),
             "LLM_CONTEXT_WINDOW": "4096"}
     with our_server(model, 2, personalities, name="eval", **keys) as server:

@@ -89,9 +89,8 @@ def write(path: Path, like: Path, size: str | None, context: int = 8192, seed: i
 
 def embedded_model() -> Path:
     from llm.models import embedded_model_path
-    from llm.settings import load_settings
 
-    return Path(embedded_model_path(Path(load_settings({}).model_cache_dir).expanduser()))
+    return Path(embedded_model_path())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,9 +143,8 @@ def main() -> int:
         return 0
     from llm.engine.constraints import ConstraintCompiler
     from llm.models import embedded_model_path
-    from llm.settings import load_settings
 
-    model_path = embedded_model_path(Path(load_settings().model_cache_dir).expanduser())
+    model_path = embedded_model_path()
     import llama_cpp
 
     vocab_model = llama_cpp.Llama(model_path, vocab_only=True, verbose=False)

@@ -116,9 +116,8 @@ def load_cases(suite: Path, everything: bool) -> list[Case]:
 def default_model() -> str:
     """The embedded model, assembled where the service keeps it."""
     from llm.models import embedded_model_path
-    from llm.settings import load_settings
 
-    return embedded_model_path(Path(load_settings().model_cache_dir).expanduser())
+    return embedded_model_path()
 
 
 # ----- our compiler (in process) -------------------------------------------------------------------------------

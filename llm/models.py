@@ -19,7 +19,7 @@ from pathlib import Path
 
 from llm.errors import ConfigError
 from llm.personalities import ModelChoice
-from llm.settings import Settings
+from llm.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def resolve(choice: ModelChoice, settings: Settings) -> ModelSpec:
     if choice.huggingface_repo:
         pattern = choice.huggingface_file or settings.huggingface_file
         return ModelSpec(download_from_hub(choice.huggingface_repo, pattern), window)
-    return ModelSpec(embedded_model_path(Path(settings.model_cache_dir).expanduser()), window)
+    return ModelSpec(embedded_model_path(settings), window)
 
 
 def download_from_hub(repo: str, pattern: str) -> str:
@@ -100,8 +100,10 @@ def download_from_hub(repo: str, pattern: str) -> str:
     return str(matches[0])
 
 
-def embedded_model_path(cache_dir: Path) -> str:
-    """The embedded model's GGUF inside its installed wheel, verified against the wheel's RECORD once."""
+def embedded_model_path(settings: Settings | None = None) -> str:
+    """The embedded model's GGUF inside its installed wheel, verified against the wheel's RECORD once (the stamp
+    that remembers it lives in ``LLM_MODEL_CACHE_DIR``: of ``settings``, else of the environment)."""
+    cache_dir = Path((settings or load_settings()).model_cache_dir).expanduser()
     try:
         distribution = metadata.distribution(EMBEDDED_DISTRIBUTION)
     except metadata.PackageNotFoundError:
@@ -115,7 +117,7 @@ def embedded_model_path(cache_dir: Path) -> str:
         raise ConfigError(f"The embedded model package {EMBEDDED_DISTRIBUTION} is incomplete ({path} is missing "
                           "from it); reinstall it with `make install`.")
     expected = base64.urlsafe_b64decode(entry.hash.value + "=" * (-len(entry.hash.value) % 4)).hex()
-    stamp = Path(cache_dir) / (path.name + ".verified")
+    stamp = cache_dir / (path.name + ".verified")
     if _stamp_matches(stamp, path, expected):
         return str(path)
     log.info("verifying the embedded model %s", path)

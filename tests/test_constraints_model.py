@@ -19,7 +19,6 @@ import pytest
 from llm.engine.constraints import ConstraintCompiler, validate_output
 from llm.errors import BadRequest, GenerationFailed, Unprocessable
 from llm.models import embedded_model_path
-from llm.settings import load_settings
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +39,7 @@ NARROWER_THAN_SUITE = (
 
 @pytest.fixture(scope="module")
 def model() -> llama_cpp.Llama:
-    path = embedded_model_path(Path(load_settings().model_cache_dir).expanduser())
+    path = embedded_model_path()
     return llama_cpp.Llama(path, n_ctx=1024, n_threads=2, verbose=False)
 
 

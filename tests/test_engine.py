@@ -98,7 +98,7 @@ def make_pool(**overrides) -> ModelPool:
 
 @pytest.fixture(scope="module")
 def embedded() -> ModelSpec:
-    return ModelSpec(embedded_model_path(Path(load_settings({}).model_cache_dir).expanduser()), 1024)
+    return ModelSpec(embedded_model_path(), 1024)
 
 
 def ask(pool: ModelPool, spec: ModelSpec, text: str, conversation: str | None = None, tokens: int = 8):

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jsonschema
 import openai
@@ -22,10 +21,9 @@ from llm.engine.remote import LocalTokenizer, RemoteEngine, Upstream, parse_upst
 from llm.errors import ConfigError, Overloaded
 from llm.models import embedded_model_path
 from llm.personalities import load_validator, parse_personality
-from llm.settings import load_settings
 from tests.conftest import TEST_PERSONALITIES, LiveServer
 
-MODEL = embedded_model_path(Path(load_settings({}).model_cache_dir).expanduser())
+MODEL = embedded_model_path()
 
 
 class LlamaCppServer:

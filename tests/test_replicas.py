@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import uuid
-from pathlib import Path
 
 import pytest
 import requests
@@ -15,12 +14,11 @@ import websocket
 from bench._cluster import Nginx
 from bench._servers import our_server
 from llm.models import embedded_model_path
-from llm.settings import load_settings
 from tests.conftest import TEST_PERSONALITIES
 
 pytestmark = pytest.mark.integration
 
-MODEL = embedded_model_path(Path(load_settings({}).model_cache_dir).expanduser())
+MODEL = embedded_model_path()
 KEYS = "alice:key-alice,bob:key-bob"
 
 

@@ -8,7 +8,6 @@ the model through Mistral's template with its control tokens, and nothing a clie
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import anthropic
 import jsonschema
@@ -144,6 +143,6 @@ def test_the_format_needs_a_template_and_the_control_token(mistral_file):
         LoadedModel(ModelSpec(str(mistral_file), 2048), load_settings({}, {
             "LLM_CHAT_FORMAT": "chatml", "LLM_TOOL_FORMAT": "mistral"}))
     settings = load_settings({}, {"LLM_TOOL_FORMAT": "mistral"})
-    embedded = embedded_model_path(Path(settings.model_cache_dir).expanduser())  # a template, no [TOOL_CALLS]
+    embedded = embedded_model_path(settings)  # a template, no [TOOL_CALLS]
     with pytest.raises(ConfigError, match=r"needs the \[TOOL_CALLS\] control token"):
         LoadedModel(ModelSpec(embedded, 2048), settings)
