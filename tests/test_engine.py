@@ -3,6 +3,7 @@ and the summarising history policy (on the fake engine)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from pathlib import Path
@@ -111,7 +112,7 @@ def ask(pool: ModelPool, spec: ModelSpec, text: str, conversation: str | None = 
 def test_the_models_remembered_token_bytes_and_end_tokens_are_llama_cpps(embedded):
     model = LoadedModel(embedded, load_settings({}, {"LLM_CPU_THREADS": 2}))
     try:
-        buffer = llama_cpp.ctypes.create_string_buffer(256)
+        buffer = ctypes.create_string_buffer(256)
 
         def llama_piece(token: int) -> bytes:
             size = llama_cpp.llama_token_to_piece(model.vocab, token, buffer, len(buffer), 0, False)
