@@ -86,10 +86,6 @@ class DecodeClock:
         self.gaps.clear()
 
 
-def quantile(values: list[float], q: float) -> float:
-    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
-
-
 def client_process(url: str, clients: int, reps: int, tokens: int, first: int) -> None:
     """The clients, in their own process: ``reps`` rounds of ``clients`` answers asked together."""
     serial = itertools.count(first)
@@ -155,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.clients} clients x {args.reps} rounds, {tokens} tokens in {wall:.1f} s "
           f"({tokens / wall:.1f} tok/s), settings: {' '.join(args.settings) or 'defaults'}")
     if clock.decodes:
+        percentiles = statistics.quantiles(clock.gaps, n=100)
         print(f"per step: llama_decode median {1000 * statistics.median(clock.decodes):.2f} ms, the scheduler's "
               f"Python between decodes median {1000 * statistics.median(clock.gaps):.3f} ms, "
-              f"mean {1000 * statistics.fmean(clock.gaps):.3f} ms, p90 {1000 * quantile(clock.gaps, 0.9):.3f} ms, "
-              f"p99 {1000 * quantile(clock.gaps, 0.99):.3f} ms ({len(clock.decodes)} steps)")
+              f"mean {1000 * statistics.fmean(clock.gaps):.3f} ms, p90 {1000 * percentiles[89]:.3f} ms, "
+              f"p99 {1000 * percentiles[98]:.3f} ms ({len(clock.decodes)} steps)")
     print(f"{'thread':32} {'CPU s':>8} {'ms/token':>9}")
     for name, seconds in sorted(spent.items(), key=lambda item: -item[1]):
         if seconds > 0:
