@@ -5,7 +5,10 @@ side reads another's cached prompts).
 Made for judging one engine change on a shared machine, where a full ``bench/run.py`` row moves 5-10% between
 runs: the sides run back to back in every repetition, and each answer's decode speed is also read from the
 server's own timing (ours: ``usage.tokens_per_second``; llama-server: ``timings.predicted_per_second``), which
-leaves out connection, prompt preparation and prefill.
+leaves out connection, prompt preparation and prefill. Each side's server CPU time per generated token (all its
+threads, from /proc) is the steadiest figure of the three: two identical servers agree on it within about 1% where
+their throughput differs by 5-10% between repetitions, and on a machine whose cores the servers keep busy, as
+here, a side that needs less CPU per token serves more tokens.
 
     python bench/ab.py --clients 4 --reps 5 B:LLM_DRAFT_TOKENS=0          # B: ours with that setting
     python bench/ab.py --clients 8 B:OMP_WAIT_POLICY=passive B:LLM_PARALLEL=16
@@ -27,6 +30,7 @@ from pathlib import Path
 import requests
 from _clients import TIMEOUT, ask_ours, run_together
 from _llama_server import llama_server
+from _quiet import process_seconds
 from _raw import RawLlama
 from _servers import our_server, write_personality
 from run import CONCURRENT_FROM, SYSTEM, prompts
@@ -67,20 +71,23 @@ def ask_llama_server(base: str, raw: RawLlama, question: str, tokens: int) -> tu
     raise RuntimeError("llama-server's stream ended without its final event")
 
 
-def measure(sides: dict[str, Callable[[str], tuple[int, float]]], args: argparse.Namespace) -> dict[str, list]:
-    """Per side and repetition: (aggregate tok/s over the wall time, median per-stream server-side tok/s)."""
+def measure(sides: dict[str, tuple[int, Callable[[str], tuple[int, float]]]],
+            args: argparse.Namespace) -> dict[str, list]:
+    """Per side (server pid, ask) and repetition: (aggregate tok/s over the wall time, median per-stream
+    server-side tok/s, server CPU ms per token)."""
     serials = {side: itertools.count(CONCURRENT_FROM + 100_000 * index) for index, side in enumerate(sides)}
-    for side, ask in sides.items():
+    for side, (_, ask) in sides.items():
         ask(prompts(1, serials[side])[0])  # warm-up
     results: dict[str, list] = {side: [] for side in sides}
     for _ in range(args.reps):
-        for side, ask in sides.items():
+        for side, (pid, ask) in sides.items():
             questions = prompts(args.clients, serials[side])
-            start = time.perf_counter()
+            cpu, start = process_seconds(pid), time.perf_counter()
             answers = run_together(ask, questions)  # every client released at the same instant
-            wall = time.perf_counter() - start
-            results[side].append((sum(tokens for tokens, _ in answers) / wall,
-                                  statistics.median(rate for _, rate in answers)))
+            wall, cpu = time.perf_counter() - start, process_seconds(pid) - cpu
+            tokens = sum(tokens for tokens, _ in answers)
+            results[side].append((tokens / wall, statistics.median(rate for _, rate in answers),
+                                  1000 * cpu / max(tokens, 1)))
     return results
 
 
@@ -103,24 +110,27 @@ def main(argv: list[str] | None = None) -> int:
             a = servers.enter_context(our_server(spec.path, args.threads, Path(directory), layers, name="A"))
             b = servers.enter_context(our_server(spec.path, args.threads, Path(directory), layers, name="B",
                                                  **args.b))
-            sides = {"A (ours)": ours(a.base), f"B (ours, {' '.join(args.changes) or 'same'})": ours(b.base)}
+            sides = {"A (ours)": (a.process.pid, ours(a.base)),
+                     f"B (ours, {' '.join(args.changes) or 'same'})": (b.process.pid, ours(b.base))}
             if not args.no_llama_server:
                 peer = servers.enter_context(llama_server(spec.path, args.threads, spec.context_window,
                                                           settings.parallel, layers))
-                sides["llama-server"] = lambda question: ask_llama_server(peer.base, raw, question, args.tokens)
+                sides["llama-server"] = (peer.process.pid,
+                                         lambda question: ask_llama_server(peer.base, raw, question, args.tokens))
             results = measure(sides, args)
     finally:
         raw.close()
     base = results["A (ours)"]
     print(f"| side ({args.clients} clients, {args.reps} repetitions) | aggregate tok/s, best | vs A | median | vs A "
-          "| median stream tok/s, best | vs A |")
-    print("|---|---|---|---|---|---|---|")
+          "| median stream tok/s, best | vs A | server CPU ms/token, median | vs A |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for side, runs in results.items():
-        rate, stream = max(r for r, _ in runs), max(s for _, s in runs)
-        middle = statistics.median(r for r, _ in runs)
-        print(f"| {side} | {rate:.1f} | {rate / max(r for r, _ in base):.2f}x | {middle:.1f} | "
-              f"{middle / statistics.median(r for r, _ in base):.2f}x | {stream:.1f} | "
-              f"{stream / max(s for _, s in base):.2f}x |")
+        rate, stream = max(run[0] for run in runs), max(run[1] for run in runs)
+        middle, cpu = statistics.median(run[0] for run in runs), statistics.median(run[2] for run in runs)
+        print(f"| {side} | {rate:.1f} | {rate / max(run[0] for run in base):.2f}x | {middle:.1f} | "
+              f"{middle / statistics.median(run[0] for run in base):.2f}x | {stream:.1f} | "
+              f"{stream / max(run[1] for run in base):.2f}x | {cpu:.2f} | "
+              f"{cpu / statistics.median(run[2] for run in base):.2f}x |")
     return 0
 
 
