@@ -6,7 +6,7 @@ Made for judging one engine change on a shared machine, where a full ``bench/run
 runs: the sides run back to back in every repetition, and each answer's decode speed is also read from the
 server's own timing (ours: ``usage.tokens_per_second``; llama-server: ``timings.predicted_per_second``), which
 leaves out connection, prompt preparation and prefill. Each side's server CPU time per generated token (all its
-threads, from /proc) is the steadiest figure of the three: two identical servers agree on it within about 1% where
+threads, from /proc) is the steadiest figure of the three: two identical servers agree on it within 1-2% where
 their throughput differs by 5-10% between repetitions, and on a machine whose cores the servers keep busy, as
 here, a side that needs less CPU per token serves more tokens.
 
